@@ -1,0 +1,218 @@
+"""The ``mmgen`` command: generate, train, evaluate. Every generating command goes through a pipeline."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_PROMPTS_FILE_LINES = 10_000
+
+
+def _default_checkpoint() -> str:
+    from mmgen.pipelines.text_to_image import DEFAULT_CHECKPOINT
+
+    return str(DEFAULT_CHECKPOINT)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults come from the checkpoint's model_index.json)")
+    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--temperature", type=float, help="softmax temperature (> 0)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
+    g.add_argument("--negative-prompt", help="what to steer away from (replaces the unconditional branch)")
+
+
+def _image_paths(out: str | None, count: int) -> list[Path]:
+    if out is None:
+        out = "outputs"
+    path = Path(out)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        if count == 1:
+            return [path]
+        return [path.with_name(f"{path.stem}_{i:03d}{path.suffix}") for i in range(count)]
+    return [path / f"{i:03d}.png" for i in range(count)]
+
+
+def cmd_image(args) -> int:
+    import random
+
+    import torch
+
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+
+    if args.prompts_file:
+        if args.prompt:
+            raise SystemExit("error: give a PROMPT or --prompts-file, not both")
+        if args.num_images != 1:
+            raise SystemExit("error: --prompts-file writes one image per prompt; drop -n")
+        pf = Path(args.prompts_file)
+        if not pf.is_file():
+            raise SystemExit(f"error: prompts file {pf} does not exist")
+        prompts = [line.strip() for line in pf.read_text().splitlines()]
+        if not prompts or any(not p for p in prompts):
+            bad = [i + 1 for i, p in enumerate(prompts) if not p]
+            raise SystemExit(f"error: {pf} has empty lines ({bad[:5]}); one prompt per line" if bad
+                             else f"error: {pf} is empty")
+        if len(prompts) > MAX_PROMPTS_FILE_LINES:
+            raise SystemExit(f"error: at most {MAX_PROMPTS_FILE_LINES} prompts per file")
+        if args.output and Path(args.output).suffix.lower() in IMAGE_SUFFIXES:
+            raise SystemExit("error: with --prompts-file, -o names a directory")
+    else:
+        if args.prompt is None:
+            raise SystemExit("error: give a PROMPT (or --prompts-file FILE)")
+        prompts = [args.prompt]
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    pipe = TextToImagePipeline.from_pretrained(args.checkpoint)
+    # one generator per image: image k of a prompt is seeded seed + k, and a prompt in a file gets exactly
+    # what it gets alone (seed, seed + 1, ...)
+    jobs = [(p, seed + k) for p in prompts for k in range(args.num_images)]
+    paths = _image_paths(args.output, len(jobs))
+    sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, negative_prompt=args.negative_prompt)
+    total_s, written = 0.0, []
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start:start + args.batch_size]
+        gens = [torch.Generator().manual_seed(s) for _, s in chunk]
+        out = pipe([p for p, _ in chunk], generator=gens, progress=not args.quiet, **sampling)
+        total_s += out.record["seconds"]
+        for img, path in zip(out.images, paths[start:start + len(chunk)]):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path)
+            written.append(str(path))
+    for w in written:
+        print(w)
+    if not args.quiet:
+        print(f"seed {seed}, {len(written)} image(s) in {total_s:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.what == "tokenizer":
+        from mmgen.train.tokenizer import train_tokenizer
+
+        path = train_tokenizer(args.recipe, args.output, steps=args.steps, resume=args.resume, data=args.data,
+                               seed=args.seed)
+    else:
+        from mmgen.train.ar import train_ar
+
+        if not args.tokenizer:
+            raise SystemExit("error: mmgen train ar needs --tokenizer DIR")
+        path = train_ar(args.recipe, args.tokenizer, args.output, steps=args.steps, resume=args.resume,
+                        data=args.data, seed=args.seed, max_minutes=args.max_minutes)
+    print(path)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mmgen.eval import shapes_eval
+    from mmgen.eval.shapes_run import evaluate_reconstruction, evaluate_text_to_image
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.checkpoint)
+    report = {"checkpoint": args.checkpoint,
+              "ceiling": shapes_eval.ceiling(n=args.n * 3)["score"],
+              "reconstruction": evaluate_reconstruction(pipe.tokenizer, n=args.n, progress=not args.quiet)}
+    sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p)
+    for ps in args.prompt_sets:
+        report[ps] = evaluate_text_to_image(pipe, ps, n=args.n, seed=args.seed, progress=not args.quiet, **sampling)
+    report["sampling"] = pipe.options(**sampling).__dict__
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_pack(args) -> int:
+    """Copy a trained pipeline folder into a shippable checkpoint (fp16 weights by default)."""
+    import torch
+
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.pipeline)
+    if args.defaults:
+        pipe.defaults.update(json.loads(args.defaults))
+    pipe.save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
+    print(args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmgen", description="mmgen: multimodal autoregressive generation.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    im = sub.add_parser("image", help="text -> image", description=(
+        "Write images for a prompt with a text-to-image checkpoint. Examples:\n"
+        "  mmgen image 'a large red circle at the top left on a black background' -o x.png\n"
+        "  mmgen image 'a small blue star in the center on a white background' -n 4 --seed 1 -o out/\n"
+        "  mmgen image --prompts-file prompts.txt -o out/   (writes out/000.png, out/001.png, ...)"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    im.add_argument("prompt", nargs="?", help="what to draw")
+    im.add_argument("--prompts-file", help="one prompt per line; one image per prompt, in line order")
+    im.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt (default 1)")
+    im.add_argument("--seed", type=int, help="random seed (default: random, printed); image k uses seed + k")
+    im.add_argument("-o", "--output", help="a .png file, or a directory (default: outputs/)")
+    im.add_argument("--checkpoint", default=_default_checkpoint(), help="checkpoint folder (default: the shipped shapes one)")
+    im.add_argument("--batch-size", type=int, default=16, help="images generated together (default 16)")
+    im.add_argument("-q", "--quiet", action="store_true", help="print only the written paths")
+    _add_sampling_args(im)
+    im.set_defaults(func=cmd_image)
+
+    tr = sub.add_parser("train", help="train a tokenizer or the AR transformer")
+    tr.add_argument("what", choices=("tokenizer", "ar"))
+    tr.add_argument("--recipe", required=True, help="YAML recipe (tokenizers/*.yaml or recipes/*.yaml)")
+    tr.add_argument("--output", required=True, help="run folder: train_state/, metrics.jsonl, the result")
+    tr.add_argument("--tokenizer", help="(ar) trained tokenizer folder")
+    tr.add_argument("--data", help="a folder of images with metadata.jsonl instead of the world")
+    tr.add_argument("--steps", type=int, help="override the recipe's step count")
+    tr.add_argument("--seed", type=int, help="override the recipe's seed")
+    tr.add_argument("--max-minutes", type=float, help="(ar) stop and save after this many minutes")
+    tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint")
+    ev.add_argument("what", choices=("shapes",), help="shapes: shapes-eval (reconstruction + text-to-image)")
+    ev.add_argument("--checkpoint", default=_default_checkpoint())
+    ev.add_argument("--n", type=int, default=50, help="prompts per object count and prompt set (default 50)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--prompt-sets", nargs="+", default=["canonical", "paraphrase_held_out"],
+                    choices=["canonical", "paraphrase_held_out"])
+    ev.add_argument("--json", help="also write the report here")
+    ev.add_argument("-q", "--quiet", action="store_true")
+    _add_sampling_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    pk = sub.add_parser("pack", help="turn a trained pipeline folder into a shippable checkpoint")
+    pk.add_argument("--pipeline", required=True)
+    pk.add_argument("--output", required=True)
+    pk.add_argument("--defaults", help='JSON of sampling defaults, e.g. \'{"guidance_scale": 3}\'')
+    pk.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16)")
+    pk.set_defaults(func=cmd_pack)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if getattr(args, "num_images", 1) is not None and getattr(args, "num_images", 1) < 1:
+        parser.error("-n must be at least 1")
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error("--batch-size must be at least 1")
+    from mmgen.tokenizers.base import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Batches from the shapes world (streamed, seeded per process) or from a user's folder of images + captions.
+
+A user folder holds images and a ``captions.jsonl`` (``{"file": "a.png", "caption": "..."}`` per line) or
+``metadata.jsonl`` in Hugging Face ``imagefolder`` style; it is read through ``datasets``.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mmgen.worlds import shapes
+
+
+def world_batches(batch_size: int, seed: int, size: int = 64, paraphrase: bool = True,
+                  exclude_combos=shapes.HELD_OUT_COMBOS, rank: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Endless (images (b, 3, H, W) in [0, 1], captions) from the shapes world; each rank gets its own stream."""
+    stream = shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=paraphrase,
+                             exclude_combos=exclude_combos)
+    while True:
+        chunk = list(itertools.islice(stream, batch_size))
+        arr = np.stack([np.asarray(s.image) for s in chunk])
+        yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk]
+
+
+def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank: int = 0,
+                   world_size: int = 1) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Endless shuffled batches from a user's image folder with captions in metadata.jsonl (``text`` column)."""
+    from datasets import load_dataset
+
+    path = Path(folder)
+    if not (path / "metadata.jsonl").is_file():
+        raise FileNotFoundError(f"{folder} needs a metadata.jsonl with file_name and text columns")
+    ds = load_dataset("imagefolder", data_dir=str(path), split="train").shard(world_size, rank)
+    epoch = 0
+    while True:
+        for start in range(0, len(ds) - batch_size + 1, batch_size):
+            rows = ds.shuffle(seed=seed + epoch)[start:start + batch_size]
+            arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in rows["image"]])
+            yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, list(rows["text"])
+        epoch += 1

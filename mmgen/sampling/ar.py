@@ -1,0 +1,111 @@
+"""Autoregressive sampling: prefill + KV-cached decode, classifier-free guidance by doubling the batch,
+temperature, top-k, top-p, and ``generator=`` seeding. A pure function of (model, conditioning, options,
+generator) that returns the token ids and a record of what it did."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class SamplingOptions:
+    guidance_scale: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 0        # 0: off
+    top_p: float = 1.0    # 1.0: off
+
+    def validate(self) -> "SamplingOptions":
+        if not (0.0 <= self.guidance_scale <= 50.0):
+            raise ValueError(f"guidance_scale must lie in [0, 50], got {self.guidance_scale}")
+        if not (0.0 < self.temperature <= 10.0):
+            raise ValueError(f"temperature must lie in (0, 10], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        return self
+
+
+@dataclass
+class SamplingRecord:
+    sampler: str = "ar"
+    batch: int = 0
+    tokens: int = 0             # tokens written per image
+    forward_passes: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0   # tokens written (all images) per second
+    kv_cache_bytes: int = 0
+    guidance_scale: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (b, v)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator) -> torch.Tensor:
+    """Sample one id per row. ``generator`` is one torch.Generator for the batch, or a list with one per row
+    (then each row's draw depends only on its own generator: a batch gives what each prompt alone gives)."""
+    logits = filter_logits(logits / opts.temperature, opts.top_k, opts.top_p)
+    probs = logits.softmax(-1).cpu()
+    if isinstance(generator, (list, tuple)):
+        out = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
+    else:
+        out = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return out.to(logits.device)
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, start_ids: torch.Tensor,
+              num_tokens: int, token_range: tuple[int, int], options: SamplingOptions | None = None,
+              generator: torch.Generator | None = None, progress: bool = False,
+              force_cfg: bool = False) -> tuple[torch.Tensor, SamplingRecord]:
+    """Write ``num_tokens`` ids in ``token_range`` after prefix (b, p, d) + start_ids (b, s).
+
+    With guidance_scale != 1 (or ``force_cfg``) the batch is doubled with the null prefix and logits are
+    guided. Returns unified ids (b, num_tokens) and the record."""
+    opts = (options or SamplingOptions()).validate()
+    b = prefix.shape[0]
+    if isinstance(generator, (list, tuple)) and len(generator) != b:
+        raise ValueError(f"got {len(generator)} generators for a batch of {b}")
+    cfg = force_cfg or opts.guidance_scale != 1.0
+    if cfg and null_prefix is None:
+        raise ValueError("guidance needs the unconditional prefix")
+    t0 = time.perf_counter()
+    if cfg:
+        prefix, start_ids = torch.cat([prefix, null_prefix]), torch.cat([start_ids, start_ids])
+    lo, hi = token_range
+    cache = model.new_cache(prefix.shape[0], prefix.shape[1] + start_ids.shape[1] + num_tokens)
+    logits = model.prefill(prefix, start_ids, cache)
+    out = torch.empty(b, num_tokens, dtype=torch.long, device=prefix.device)
+    for i in tqdm(range(num_tokens), disable=not progress, desc="tokens", leave=False):
+        step = logits[:, lo:hi]
+        if cfg:
+            step = guided(step[:b], step[b:], opts.guidance_scale)
+        tok = sample_next(step, opts, generator) + lo
+        out[:, i] = tok
+        if i + 1 < num_tokens:
+            logits = model.decode_step(torch.cat([tok, tok]) if cfg else tok, cache)
+    seconds = time.perf_counter() - t0
+    record = SamplingRecord("ar", b, num_tokens, num_tokens, seconds, b * num_tokens / max(seconds, 1e-9),
+                            cache.nbytes, opts.guidance_scale)
+    return out, record

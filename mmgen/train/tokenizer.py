@@ -1,0 +1,122 @@
+"""Train an image tokenizer from a recipe (tokenizers/*.yaml) through accelerate: one CPU, several
+processes or several GPUs run the same code. Periodic atomic training state, --resume, metrics.jsonl."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mmgen.data.shapes_data import folder_batches, world_batches
+from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer
+from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state
+
+log = logging.getLogger(__name__)
+
+
+def edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights: 1 everywhere, 1 + edge_weight within one pixel of a colour edge."""
+    gray = x.mean(1, keepdim=True)
+    gx = (gray[..., :, 1:] - gray[..., :, :-1]).abs()
+    gy = (gray[..., 1:, :] - gray[..., :-1, :]).abs()
+    edge = torch.zeros_like(gray)
+    edge[..., :, 1:] += gx
+    edge[..., :, :-1] += gx
+    edge[..., 1:, :] += gy
+    edge[..., :-1, :] += gy
+    edge = F.max_pool2d((edge > 0.02).float(), 3, stride=1, padding=1)
+    return 1 + edge_weight * edge
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    w = edge_weights(target, edge_weight)
+    err = recon - target
+    return (w * (err.abs() + err.pow(2))).sum() / (w.sum() * 3)
+
+
+def build_tokenizer(recipe: dict) -> VQImageTokenizer:
+    arch = dict(recipe.get("architecture", {}))
+    base = VQ_IMAGE_CONFIGS[arch.pop("size", "base")]
+    try:
+        cfg = VQImageConfig(**{**asdict(base), **arch, **recipe.get("codebook", {})})
+    except TypeError as e:
+        raise ValueError(f"recipe has an unknown tokenizer setting: {e}") from e
+    return VQImageTokenizer(cfg)
+
+
+def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
+                    data: str | None = None, seed: int | None = None, save_every: int | None = None,
+                    progress: bool = True) -> Path:
+    from accelerate import Accelerator
+
+    recipe = read_yaml(recipe_path)
+    tr = recipe.get("training", {})
+    steps = steps or int(tr.get("steps", 6000))
+    seed = seed if seed is not None else int(tr.get("seed", 0))
+    save_every = save_every or int(tr.get("save_every", 250))
+    out = Path(output)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(seed)
+    tok = build_tokenizer(recipe)
+    opt = torch.optim.AdamW(tok.parameters(), lr=float(tr.get("lr", 2e-3)), betas=(0.9, 0.99),
+                            weight_decay=float(tr.get("weight_decay", 0.0)))
+    state_dir = out / "train_state"
+    step, extra = 0, {}
+    if resume and (state_dir.exists() or state_dir.with_name("train_state.old").exists()):
+        step, extra = load_train_state(state_dir, tok, opt)
+        log.info("resumed from step %d", step)
+    model, opt = acc.prepare(tok, opt)
+    size = tok.config.image_size
+    batch = int(tr.get("batch_size", 16))
+    data_seed = seed + step  # a resumed run continues on fresh samples
+    batches = (folder_batches(data, batch, data_seed, size, acc.process_index, acc.num_processes) if data
+               else world_batches(batch, data_seed, size, paraphrase=False, exclude_combos=(), rank=acc.process_index))
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
+    minutes0 = float(extra.get("minutes", 0.0))
+    edge_w = float(tr.get("edge_weight", 4.0))
+    restart_every = int(tr.get("restart_every", 20))
+    warm = int(tr.get("unquantized_warmup", 300))
+    bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc="tokenizer")
+    gen = torch.Generator().manual_seed(seed + 1 + acc.process_index)
+    unwrapped = acc.unwrap_model(model)
+    while step < steps:
+        x, _ = next(batches)
+        x = x.to(acc.device)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)))
+        quantize = step >= warm
+        if step == warm:  # empty usage window: the restart below seeds every code from current latents
+            unwrapped.quantizer.window_hits.zero_()
+        recon, q, z = model(x, quantize=quantize)
+        rec = reconstruction_loss(recon, x, edge_w)
+        loss = rec + q.loss if quantize else rec
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step == warm + 1 or (step > warm and step % restart_every == 0):
+            restarted = unwrapped.quantizer.restart_dead_codes(z.detach(), gen)
+        else:
+            restarted = None
+        if step % 25 == 0:
+            with torch.no_grad():
+                psnr = -10 * torch.log10(F.mse_loss(recon.clamp(0, 1), x))
+            row = dict(loss=loss.item(), rec=rec.item(), vq=q.loss.item(), psnr=psnr.item(),
+                       perplexity=q.perplexity.item(), lr=opt.param_groups[0]["lr"])
+            if restarted is not None:
+                row["restarted"] = restarted
+            metrics.log(step, minutes0, **row)
+            bar.set_postfix(psnr=f"{psnr.item():.1f}", ppl=f"{q.perplexity.item():.0f}")
+        bar.update(1)
+        if acc.is_main_process and (step % save_every == 0 or step == steps):
+            save_train_state(state_dir, unwrapped, opt, step,
+                             {"minutes": minutes0 + (time.time() - metrics.start) / 60})
+            unwrapped.save_pretrained(out / "tokenizer")
+        acc.wait_for_everyone()
+    bar.close()
+    return out / "tokenizer"
