@@ -144,7 +144,11 @@ class VQImageTokenizer(Tokenizer):
         way, then seeds the codebook from its latents (a codebook initialised before the encoder has
         learnt anything collapses onto one code)."""
         z = self.encoder(x * 2 - 1)
-        q = self.quantizer(z)
+        if quantize:
+            q = self.quantizer(z)
+        else:  # statistics only: the codebook must stay out of the graph (DDP checks what is used)
+            with torch.no_grad():
+                q = self.quantizer(z.detach())
         dec_in = q.quantized if quantize else F.normalize(z, dim=1)
         return (self.decoder(dec_in) + 1) / 2, q, z
 

@@ -84,6 +84,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     gen = torch.Generator().manual_seed(seed + 7 + step + acc.process_index)
     bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc="ar")
     warmup = int(tr.get("warmup", 200))
+    log_every = int(tr.get("log_every", 20))
     t_start = time.time()
     tokens_seen = 0
 
@@ -115,7 +116,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         opt.step()
         step += 1
         tokens_seen += ids.numel()
-        if step % 20 == 0:
+        if step % log_every == 0:
             el = time.time() - t_start
             metrics.log(step, minutes0, loss=loss.item(), lr=opt.param_groups[0]["lr"],
                         tokens_per_s=tokens_seen * acc.num_processes / max(el, 1e-9))

@@ -51,7 +51,7 @@ def build_tokenizer(recipe: dict) -> VQImageTokenizer:
 def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
                     data: str | None = None, seed: int | None = None, save_every: int | None = None,
                     progress: bool = True) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     recipe = read_yaml(recipe_path)
     tr = recipe.get("training", {})
@@ -59,7 +59,9 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     seed = seed if seed is not None else int(tr.get("seed", 0))
     save_every = save_every or int(tr.get("save_every", 250))
     out = Path(output)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # the codebook sits out the unquantized warm-up, so DDP must allow unused parameters
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(seed)
     tok = build_tokenizer(recipe)
     opt = torch.optim.AdamW(tok.parameters(), lr=float(tr.get("lr", 2e-3)), betas=(0.9, 0.99),
@@ -80,6 +82,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     edge_w = float(tr.get("edge_weight", 4.0))
     restart_every = int(tr.get("restart_every", 20))
     warm = int(tr.get("unquantized_warmup", 300))
+    log_every = int(tr.get("log_every", 25))
     bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc="tokenizer")
     gen = torch.Generator().manual_seed(seed + 1 + acc.process_index)
     unwrapped = acc.unwrap_model(model)
@@ -101,9 +104,11 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         step += 1
         if step == warm + 1 or (step > warm and step % restart_every == 0):
             restarted = unwrapped.quantizer.restart_dead_codes(z.detach(), gen)
+            if acc.num_processes > 1:  # every process must keep the same codebook: take rank 0's
+                torch.distributed.broadcast(unwrapped.quantizer.embedding.weight.data, src=0)
         else:
             restarted = None
-        if step % 25 == 0:
+        if step % log_every == 0:
             with torch.no_grad():
                 psnr = -10 * torch.log10(F.mse_loss(recon.clamp(0, 1), x))
             row = dict(loss=loss.item(), rec=rec.item(), vq=q.loss.item(), psnr=psnr.item(),
