@@ -52,6 +52,9 @@ class KVCache:
     keys: torch.Tensor
     values: torch.Tensor
     length: int = 0
+    cos: torch.Tensor | None = None    # (max_len, head_dim) rotary tables, built on first use
+    sin: torch.Tensor | None = None
+    fused: list | None = None          # per layer (W_qkv, W_gate_up), built on first use
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +74,8 @@ class MMGenTransformer(nn.Module):
             vocab_size=self.vocab.size, hidden_size=d, intermediate_size=config.intermediate_size,
             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
             num_key_value_heads=config.num_kv_heads, max_position_embeddings=config.max_positions,
-            rope_theta=config.rope_theta, tie_word_embeddings=False, attn_implementation="sdpa")
+            rope_theta=config.rope_theta, tie_word_embeddings=False, attn_implementation="sdpa",
+            attention_bias=False, mlp_bias=False)  # the fused fast path assumes bias-free projections
         self.llama = LlamaModel(self.llama_config)
         self.modality_embed = nn.Embedding(1 + len(self.vocab.ranges), d)
         nn.init.zeros_(self.modality_embed.weight)
@@ -126,30 +130,49 @@ class MMGenTransformer(nn.Module):
 
     def _run(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run x (b, t, d) at positions cache.length.. with the Llama layers' own weights; returns logits of
-        the last position (b, vocab)."""
-        b, t, _ = x.shape
-        start = cache.length
-        pos = torch.arange(start, start + t, device=x.device).unsqueeze(0)
-        cos, sin = self.llama.rotary_emb(x, pos)
+        the last position (b, vocab).
+
+        Same arithmetic as LlamaModel (tests compare them), leaner: q/k/v and gate/up projections fused into
+        one matmul each, rotary tables built once per cache, 2-D activations, no per-step mask building."""
+        b, t, d = x.shape
+        start, end = cache.length, cache.length + t
+        if cache.fused is None:
+            self._prepare_cache(cache, x)
+        cos, sin = cache.cos[start:end], cache.sin[start:end]  # (t, hd), broadcast over (b, heads, t, hd)
+        hd, nh, nkv = self.head_dim, self.config.num_heads, self.config.num_kv_heads
+        eps = self.llama_config.rms_norm_eps
+        x = x.reshape(b * t, d)
         for i, layer in enumerate(self.llama.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, heads, t, hd)
-            k = attn.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            cache.keys[i, :, :, start:start + t] = k
-            cache.values[i, :, :, start:start + t] = v
-            keys, values = cache.keys[i, :, :, :start + t], cache.values[i, :, :, :start + t]
-            # a prefill starting at 0 is plain causal; a single decoded position sees the whole cache
-            o = F.scaled_dot_product_attention(q, keys, values, is_causal=(t > 1 and start == 0),
-                                               enable_gqa=True) if (t == 1 or start == 0) else \
-                F.scaled_dot_product_attention(q, keys, values, attn_mask=_chunk_mask(t, start, x.device),
-                                               enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        cache.length = start + t
-        return self.lm_head(self.llama.norm(x[:, -1]))
+            w_qkv, w_gate_up = cache.fused[i]
+            h = F.rms_norm(x, (d,), layer.input_layernorm.weight, eps)
+            qkv = F.linear(h, w_qkv).view(b, t, nh + 2 * nkv, hd).transpose(1, 2)  # (b, heads, t, hd)
+            qk = qkv[:, :nh + nkv]
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin  # RoPE; rotate_half's sign lives in the sin table
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
+            cache.keys[i, :, :, start:end] = k
+            cache.values[i, :, :, start:end] = v
+            keys, values = cache.keys[i, :, :, :end], cache.values[i, :, :, :end]
+            if t == 1 or start == 0:  # one new position sees the whole cache; a fresh prefill is plain causal
+                o = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=True)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=_chunk_mask(t, start, x.device),
+                                                   enable_gqa=True)
+            x = x + F.linear(o.transpose(1, 2).reshape(b * t, d), layer.self_attn.o_proj.weight)
+            gate, up = F.linear(F.rms_norm(x, (d,), layer.post_attention_layernorm.weight, eps), w_gate_up).chunk(2, -1)
+            x = x + F.linear(layer.mlp.act_fn(gate) * up, layer.mlp.down_proj.weight)
+        cache.length = end
+        last = x.view(b, t, d)[:, -1]
+        return F.linear(F.rms_norm(last, (d,), self.llama.norm.weight, eps), self.lm_head.weight)
+
+    def _prepare_cache(self, cache: KVCache, x: torch.Tensor) -> None:
+        """Rotary tables for every cache position and fused projection weights (current weights)."""
+        pos = torch.arange(cache.keys.shape[3], device=x.device)[None]
+        cos, sin = self.llama.rotary_emb(x, pos)
+        half = self.head_dim // 2
+        cache.cos = cos[0]
+        cache.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
+        cache.fused = [(torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]),
+                        torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight])) for l in self.llama.layers]
 
     @torch.no_grad()
     def prefill(self, prefix: torch.Tensor, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

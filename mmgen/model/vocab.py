@@ -64,10 +64,8 @@ class Vocabulary:
         """Per id, the index (in ``ranges`` order) of the modality it belongs to."""
         import torch
 
-        out = torch.zeros_like(ids)
-        for i, (name, (s, n)) in enumerate(self.ranges.items()):
-            out[(ids >= s) & (ids < s + n)] = i
-        return out
+        starts = torch.tensor([s for s, _ in self.ranges.values()], device=ids.device)
+        return torch.bucketize(ids.contiguous(), starts, right=True) - 1  # ranges are contiguous and ordered by start
 
     def to_dict(self) -> dict:
         return {"ranges": {k: list(v) for k, v in self.ranges.items()}, "special_tokens": list(SPECIAL_TOKENS)}

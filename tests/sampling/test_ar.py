@@ -68,3 +68,14 @@ def test_filters_and_guidance_math():
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingOptions(**bad).validate()
+
+
+def test_sampling_frequencies_match_the_distribution():
+    from mmgen.sampling.ar import sample_next
+
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = torch.log(probs).expand(20000, -1)
+    ids = sample_next(logits, SamplingOptions(), torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+    assert torch.allclose(freq, probs, atol=0.015)  # about 4 standard errors
+    assert freq[3] == 0  # a zero-probability id is never drawn
