@@ -50,3 +50,15 @@ def test_errors_are_clear(tmp_path, debug_checkpoint):
 def test_help_explains():
     res = mmgen("image", "--help")
     assert res.returncode == 0 and "--prompts-file" in res.stdout and "--guidance-scale" in res.stdout
+
+
+def test_eval_shapes_reports_every_prompt_set(tmp_path, debug_checkpoint):
+    import json
+
+    report = tmp_path / "r.json"
+    res = mmgen("eval", "shapes", "--checkpoint", debug_checkpoint, "--n", 1, "--json", report, "-q", timeout=300)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(report.read_text())
+    for key in ("canonical", "paraphrase_held_out"):
+        assert data[key]["n"] == 3 and set(data[key]["by_objects"]) == {"1", "2", "3"}
+    assert data["ceiling"] >= 0.97 and 0.0 <= data["reconstruction"]["score"] <= 1.0
