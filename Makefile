@@ -24,7 +24,7 @@ demo: setup
 	@echo "Python API:    see README.md (TextToImagePipeline.from_pretrained('checkpoints/shapes'))"
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest
 
 bench: setup
 	$(PY) benchmarks/decode.py --quick
