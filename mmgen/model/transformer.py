@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mmgen.model.vocab import Vocabulary
 from mmgen.tokenizers.base import CheckpointError, load_part, load_state_strict, save_part

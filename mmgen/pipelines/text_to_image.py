@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from mmgen.model.transformer import MMGenTransformer
 from mmgen.sampling.ar import SamplingOptions, sample_ar

@@ -4,7 +4,7 @@ generator) that returns the token ids and a record of what it did."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -65,15 +65,14 @@ def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator) -> torch
     much cheaper than torch.multinomial, which draws a random number per vocabulary entry."""
     if opts.temperature != 1.0:
         logits = logits / opts.temperature
-    cdf = filter_logits(logits, opts.top_k, opts.top_p).softmax(-1).cumsum(-1)
+    probs = filter_logits(logits, opts.top_k, opts.top_p).softmax(-1)
+    cdf = probs.cumsum(-1)
     if isinstance(generator, (list, tuple)):
         u = torch.cat([torch.rand(1, 1, generator=g) for g in generator])
     else:
         u = torch.rand(cdf.shape[0], 1, generator=generator)
-    u = u.to(cdf.device) * cdf[:, -1:]
-    ids = torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.shape[1] - 1)
+    ids = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True).clamp_max_(cdf.shape[1] - 1)
     # u can round up to the total: step back over trailing zero-probability ids
-    probs = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[:, :1]))
     last_possible = ((probs > 0) * torch.arange(cdf.shape[1], device=cdf.device)).argmax(-1, keepdim=True)
     return torch.where(torch.gather(probs, 1, ids) > 0, ids, last_possible).squeeze(1)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmgen.tokenizers.base import CheckpointError, atomic_write_bytes
+from mmgen.tokenizers.base import CheckpointError
 
 
 def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

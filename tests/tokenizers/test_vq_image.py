@@ -5,7 +5,7 @@ import torch
 
 from mmgen.tokenizers.base import CheckpointError, TokenLayout
 from mmgen.tokenizers.quantizers import VectorQuantizer
-from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageTokenizer
+from mmgen.tokenizers.vq_image import VQImageTokenizer
 from tests.conftest import make_debug_tokenizer
 
 
