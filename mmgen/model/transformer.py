@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
+from mmgen.model.token_shuffle import TokenShuffle
 from mmgen.model.vocab import Vocabulary
 from mmgen.tokenizers.base import CheckpointError, load_part, load_state_strict, save_part
 
@@ -34,6 +35,8 @@ class ARConfig:
     max_positions: int = 1024
     rope_theta: float = 10000.0
     vocab: dict = field(default_factory=dict)  # Vocabulary.to_dict()
+    shuffle_window: int = 1       # Token-Shuffle window s (1: one position per token, the plain model)
+    shuffle_grid: tuple = (0, 0)  # the image token grid (H, W) the windows tile; set from the tokenizer
 
 
 AR_CONFIGS = {
@@ -84,6 +87,13 @@ class MMGenTransformer(nn.Module):
         self.lm_head = nn.Linear(d, self.vocab.size, bias=False)
         nn.init.normal_(self.lm_head.weight, std=0.02)
         self.head_dim = d // config.num_heads
+        self.shuffle = (TokenShuffle(d, config.shuffle_window, tuple(config.shuffle_grid))
+                        if config.shuffle_window > 1 else None)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Image tokens one forward pass writes (s^2 with Token-Shuffle, else 1)."""
+        return self.shuffle.tokens_per_window if self.shuffle is not None else 1
 
     # ---- embeddings -------------------------------------------------------------------------------------
     def prefix(self, states: torch.Tensor | None, mask: torch.Tensor | None, batch: int | None = None,
@@ -109,9 +119,45 @@ class MMGenTransformer(nn.Module):
         """Unified ids (b, t) -> token + modality embeddings (b, t, d)."""
         return self.llama.embed_tokens(ids) + self.modality_embed(1 + self.vocab.modality_of(ids))
 
+    def embed_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids written by one sampling step -> input embeddings: (b,) -> (b, 1, d), or with Token-Shuffle a
+        window (b, s*s) -> (b, 1, d)."""
+        if self.shuffle is None:
+            return self.embed(ids.reshape(ids.shape[0], 1))
+        return self.shuffle.merge(self.embed(ids.reshape(ids.shape[0], 1, -1)))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., d) -> logits (..., vocab), or (..., s*s, vocab) with Token-Shuffle."""
+        if self.shuffle is None:
+            return self.lm_head(hidden)
+        squeeze = hidden.dim() == 2
+        h = hidden[:, None] if squeeze else hidden
+        out = self.lm_head(self.shuffle.split(h))
+        return out[:, 0] if squeeze else out
+
+    def image_logits(self, prefix: torch.Tensor, start_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for every image token, raster order: (b, N, vocab).
+
+        prefix (b, p, d), start_ids (b, S) (e.g. <boi>), image_ids (b, N) unified ids in the tokenizer's order."""
+        if self.shuffle is None:
+            ids = torch.cat([start_ids, image_ids[:, :-1]], 1)
+            return self.forward(prefix, ids)[:, start_ids.shape[1] - 1:]
+        windows = self.shuffle.to_windows(image_ids)                     # (b, n, s*s)
+        x = torch.cat([prefix, self.embed(start_ids), self.shuffle.merge(self.embed(windows[:, :-1]))], 1)
+        if x.shape[1] > self.config.max_positions:
+            raise ValueError(f"sequence of {x.shape[1]} positions exceeds max_positions={self.config.max_positions}")
+        h = self.llama(inputs_embeds=x, use_cache=False).last_hidden_state
+        h = h[:, prefix.shape[1] + start_ids.shape[1] - 1:]              # (b, n, d), already final-normed
+        return self.shuffle.to_raster(self.head(h))
+
     # ---- reference forward (training) -------------------------------------------------------------------
-    def forward(self, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """prefix (b, p, d), ids (b, t) -> logits (b, t, vocab): position i predicts ids[:, i + 1]."""
+    def forward(self, prefix: torch.Tensor, ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """prefix (b, p, d), ids (b, t) -> logits (b, t, vocab): position i predicts ids[:, i + 1].
+
+        With ``image_ids`` (b, N), ``ids`` are the start ids and this is ``image_logits`` (the training entry
+        that also works under DistributedDataParallel, which only syncs what goes through forward)."""
+        if image_ids is not None:
+            return self.image_logits(prefix, ids, image_ids)
         x = torch.cat([prefix, self.embed(ids)], dim=1)
         if x.shape[1] > self.config.max_positions:
             raise ValueError(f"sequence of {x.shape[1]} positions exceeds max_positions={self.config.max_positions}")
@@ -161,7 +207,7 @@ class MMGenTransformer(nn.Module):
             x = x + F.linear(layer.mlp.act_fn(gate) * up, layer.mlp.down_proj.weight)
         cache.length = end
         last = x.view(b, t, d)[:, -1]
-        return F.linear(F.rms_norm(last, (d,), self.llama.norm.weight, eps), self.lm_head.weight)
+        return self.head(F.rms_norm(last, (d,), self.llama.norm.weight, eps))
 
     def _prepare_cache(self, cache: KVCache, x: torch.Tensor) -> None:
         """Rotary tables for every cache position and fused projection weights (current weights)."""
@@ -179,8 +225,9 @@ class MMGenTransformer(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids (b,) -> logits (b, vocab) for the next position."""
-        return self._run(self.embed(ids[:, None]), cache)
+        """ids (b,) -> logits (b, vocab) for the next position; with Token-Shuffle a window (b, s*s) ->
+        logits (b, s*s, vocab) for the next window."""
+        return self._run(self.embed_step(ids), cache)
 
     # ---- save / load ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -190,6 +237,8 @@ class MMGenTransformer(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike) -> "MMGenTransformer":
         cfg, state = load_part(directory, expected_type="mmgen_ar")
         fields = {k: cfg[k] for k in ARConfig.__dataclass_fields__ if k in cfg}
+        if "shuffle_grid" in fields:
+            fields["shuffle_grid"] = tuple(fields["shuffle_grid"])
         try:
             model = cls(ARConfig(**fields))
         except (TypeError, ValueError, KeyError) as e:

@@ -69,7 +69,11 @@ class TextToImagePipeline:
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's {self.modality} range has {stop - start} ids, "
                                   f"the tokenizer has {tokenizer.vocab_size} codes")
-        need = model.config.max_cond_tokens + 1 + tokenizer.layout.num_tokens
+        k = model.tokens_per_step
+        if k > 1 and tuple(model.config.shuffle_grid) != tuple(tokenizer.layout.grid):
+            raise CheckpointError(f"the model's Token-Shuffle grid {tuple(model.config.shuffle_grid)} does not match "
+                                  f"the tokenizer's token grid {tuple(tokenizer.layout.grid)}")
+        need = model.config.max_cond_tokens + 1 + tokenizer.layout.num_tokens // k
         if need > model.config.max_positions:
             raise CheckpointError(f"the model holds {model.config.max_positions} positions; this tokenizer needs {need}")
         self.tokenizer, self.model = tokenizer.eval(), model.eval()

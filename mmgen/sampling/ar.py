@@ -10,14 +10,29 @@ import torch
 from tqdm.auto import tqdm
 
 
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def guidance_at(scale: float, schedule: str, index: int, total: int) -> float:
+    """Guidance for the token at ``index`` of ``total``. "linear" ramps it up with the token index, from
+    nearly 1 at the first token to ``scale`` at the last (Token-Shuffle's finding: strong guidance on the
+    first tokens of an image hurts, later tokens need it)."""
+    if schedule == "constant" or total <= 1:
+        return scale
+    return 1.0 + (scale - 1.0) * (index + 1) / total
+
+
 @dataclass
 class SamplingOptions:
     guidance_scale: float = 3.0
     temperature: float = 1.0
     top_k: int = 0        # 0: off
     top_p: float = 1.0    # 1.0: off
+    cfg_schedule: str = "constant"  # "constant", or "linear": guidance ramps from 1 to guidance_scale
 
     def validate(self) -> "SamplingOptions":
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
         if not (0.0 <= self.guidance_scale <= 50.0):
             raise ValueError(f"guidance_scale must lie in [0, 50], got {self.guidance_scale}")
         if not (0.0 < self.temperature <= 10.0):
@@ -60,17 +75,29 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator) -> torch.Tensor:
     """Sample one id per row by inverting the cumulative distribution with one uniform draw per row.
 
-    ``generator`` is one torch.Generator for the batch, or a list with one per row (then each row's draw
-    depends only on its own generator: a batch gives what each prompt alone gives). One uniform per row is
+    logits (b, v) -> ids (b,), or (b, k, v) -> (b, k) (k tokens per row, e.g. a Token-Shuffle window).
+    ``generator`` is one torch.Generator for the batch, or a list with one per row (then each row's draws
+    depend only on its own generator: a batch gives what each prompt alone gives). One uniform per row is
     much cheaper than torch.multinomial, which draws a random number per vocabulary entry."""
+    if logits.dim() == 3:
+        b, k, v = logits.shape
+        if isinstance(generator, (list, tuple)):
+            u = torch.cat([torch.rand(1, k, generator=g) for g in generator])
+        else:
+            u = torch.rand(b, k, generator=generator)
+        return _invert_cdf(logits.reshape(b * k, v), opts, u.reshape(b * k, 1)).view(b, k)
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand(1, 1, generator=g) for g in generator])
+    else:
+        u = torch.rand(logits.shape[0], 1, generator=generator)
+    return _invert_cdf(logits, opts, u)
+
+
+def _invert_cdf(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor) -> torch.Tensor:
     if opts.temperature != 1.0:
         logits = logits / opts.temperature
     probs = filter_logits(logits, opts.top_k, opts.top_p).softmax(-1)
     cdf = probs.cumsum(-1)
-    if isinstance(generator, (list, tuple)):
-        u = torch.cat([torch.rand(1, 1, generator=g) for g in generator])
-    else:
-        u = torch.rand(cdf.shape[0], 1, generator=generator)
     ids = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True).clamp_max_(cdf.shape[1] - 1)
     # u can round up to the total: step back over trailing zero-probability ids
     last_possible = ((probs > 0) * torch.arange(cdf.shape[1], device=cdf.device)).argmax(-1, keepdim=True)
@@ -102,18 +129,25 @@ def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, sta
     if cfg:
         prefix, start_ids = torch.cat([prefix, null_prefix]), torch.cat([start_ids, start_ids])
     lo, hi = token_range
-    cache = model.new_cache(prefix.shape[0], prefix.shape[1] + start_ids.shape[1] + num_tokens)
+    k = getattr(model, "tokens_per_step", 1)
+    if num_tokens % k:
+        raise ValueError(f"{num_tokens} tokens do not split into steps of {k}")
+    steps = num_tokens // k
+    cache = model.new_cache(prefix.shape[0], prefix.shape[1] + start_ids.shape[1] + steps)
     logits = model.prefill(prefix, start_ids, cache)
-    out = torch.empty(b, num_tokens, dtype=torch.long, device=prefix.device)
-    for i in tqdm(range(num_tokens), disable=not progress, desc="tokens", leave=False):
-        step = logits[:, lo:hi]
+    out = torch.empty(b, steps, k, dtype=torch.long, device=prefix.device)
+    for i in tqdm(range(steps), disable=not progress, desc="tokens", leave=False):
+        step = logits[..., lo:hi].reshape(logits.shape[0], k, hi - lo)
         if cfg:
-            step = guided(step[:b], step[b:], opts.guidance_scale)
-        tok = sample_next(step, opts, generator) + lo
+            scale = guidance_at(opts.guidance_scale, opts.cfg_schedule, i, steps)
+            step = guided(step[:b], step[b:], scale)
+        tok = sample_next(step, opts, generator) + lo   # (b, k)
         out[:, i] = tok
-        if i + 1 < num_tokens:
-            logits = model.decode_step(torch.cat([tok, tok]) if cfg else tok, cache)
+        if i + 1 < steps:
+            nxt = tok if k > 1 else tok[:, 0]
+            logits = model.decode_step(torch.cat([nxt, nxt]) if cfg else nxt, cache)
+    out = model.shuffle.to_raster(out) if k > 1 else out.view(b, num_tokens)
     seconds = time.perf_counter() - t0
-    record = SamplingRecord("ar", b, num_tokens, num_tokens, seconds, b * num_tokens / max(seconds, 1e-9),
+    record = SamplingRecord("ar", b, num_tokens, steps, seconds, b * num_tokens / max(seconds, 1e-9),
                             cache.nbytes, opts.guidance_scale)
     return out, record

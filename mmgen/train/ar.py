@@ -32,6 +32,10 @@ def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
     arch = dict(recipe.get("architecture", {}))
     base = AR_CONFIGS[arch.pop("size", "base")]
     vocab = Vocabulary.build({"image": tokenizer.vocab_size})
+    if int(arch.get("shuffle_window", 1)) > 1:
+        if tokenizer.layout.kind != "grid2d":
+            raise ValueError(f"Token-Shuffle needs a 2-D token grid, the tokenizer's layout is {tokenizer.layout.kind}")
+        arch["shuffle_grid"] = tuple(tokenizer.layout.grid)
     try:
         cfg = ARConfig(**{**asdict(base), **arch, "vocab": vocab.to_dict()})
     except TypeError as e:
@@ -79,6 +83,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     vocab = model.vocab
     boi, eoi = vocab.special("<boi>"), vocab.special("<eoi>")
     drop_p = float(tr.get("cond_dropout", 0.1))
+    shuffled = model.tokens_per_step > 1
     metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
     minutes0 = float(extra.get("minutes", 0.0))
     gen = torch.Generator().manual_seed(seed + 7 + step + acc.process_index)
@@ -108,8 +113,12 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             g["lr"] = cosine_lr(step, steps, lr, warmup)
         unwrapped = acc.unwrap_model(wrapped)
         prefix = unwrapped.prefix(cond.states, cond.mask, drop=drop)
-        logits = wrapped(prefix, ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        if shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>
+            logits = wrapped(prefix, ids[:, :1], image_ids=ids[:, 1:-1])
+            target = ids[:, 1:-1]
+        else:
+            logits, target = wrapped(prefix, ids[:, :-1]), ids[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(wrapped.parameters(), 1.0)
