@@ -23,6 +23,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, help="softmax temperature (> 0)")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
+    g.add_argument("--cfg-schedule", choices=["constant", "linear"],
+                   help="guidance over the tokens: constant, or linear (ramps up from 1 to --guidance-scale)")
     g.add_argument("--negative-prompt", help="what to steer away from (replaces the unconditional branch)")
 
 
@@ -72,7 +74,7 @@ def cmd_image(args) -> int:
     jobs = [(p, seed + k) for p in prompts for k in range(args.num_images)]
     paths = _image_paths(args.output, len(jobs))
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, negative_prompt=args.negative_prompt)
+                    top_p=args.top_p, cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt)
     total_s, written = 0.0, []
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
@@ -117,7 +119,7 @@ def cmd_eval(args) -> int:
               "ceiling": shapes_eval.ceiling(n=args.n * 3)["score"],
               "reconstruction": evaluate_reconstruction(pipe.tokenizer, n=args.n, progress=not args.quiet)}
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p)
+                    top_p=args.top_p, cfg_schedule=args.cfg_schedule)
     for ps in args.prompt_sets:
         report[ps] = evaluate_text_to_image(pipe, ps, n=args.n, seed=args.seed, progress=not args.quiet, **sampling)
     report["sampling"] = pipe.options(**sampling).__dict__
@@ -140,6 +142,23 @@ def cmd_pack(args) -> int:
     pipe.save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
     print(args.output)
     return 0
+
+
+def cmd_studio(argv: list[str]) -> int:
+    """Start the Gradio studio (apps/studio.py of this checkout; needs the 'studio' extra)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "apps" / "studio.py"
+    if not path.is_file():
+        raise SystemExit(f"error: the studio lives in apps/studio.py of an mmgen checkout; {path} is missing")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: the studio needs gradio: pip install -e '.[studio]'") from None
+    spec = importlib.util.spec_from_file_location("mmgen_studio_app", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,10 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--defaults", help='JSON of sampling defaults, e.g. \'{"guidance_scale": 3}\'')
     pk.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16)")
     pk.set_defaults(func=cmd_pack)
+
+    sub.add_parser("studio", help="the Gradio web studio (mmgen studio --help for its options)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["studio"]:  # the studio parses its own options
+        return cmd_studio(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -62,3 +62,14 @@ def test_eval_shapes_reports_every_prompt_set(tmp_path, debug_checkpoint):
     for key in ("canonical", "paraphrase_held_out"):
         assert data[key]["n"] == 3 and set(data[key]["by_objects"]) == {"1", "2", "3"}
     assert data["ceiling"] >= 0.97 and 0.0 <= data["reconstruction"]["score"] <= 1.0
+
+
+def test_studio_help_and_missing_checkpoint():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "mmgen.cli", "studio", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "127.0.0.1" in ok.stdout and "GRADIO_SERVER_NAME" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "mmgen.cli", "studio", "--checkpoint", "/no/such/dir"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

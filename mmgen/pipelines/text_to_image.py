@@ -111,7 +111,8 @@ class TextToImagePipeline:
     @torch.no_grad()
     def __call__(self, prompt, num_images: int = 1, guidance_scale: float | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, negative_prompt: str | None = None,
+                 cfg_schedule: str | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 negative_prompt: str | None = None,
                  output_type: str = "pil", return_dict: bool = True, progress: bool = False):
         prompts = check_prompts(prompt)
         if not isinstance(num_images, int) or num_images < 1:
@@ -120,7 +121,8 @@ class TextToImagePipeline:
             raise ValueError(f"at most {MAX_IMAGES_PER_CALL} images per call, asked for {len(prompts) * num_images}")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        opts = self.options(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        opts = self.options(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                            cfg_schedule=cfg_schedule)
         expanded = [p for p in prompts for _ in range(num_images)]
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))

@@ -1,0 +1,171 @@
+"""The studio, served for real: gradio_client calls, concurrent requests, bad input, and a headless browser."""
+import importlib.util
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+from gradio_client import Client  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CKPT = str(REPO / "checkpoints" / "shapes")
+PROMPT = "a large red circle at the top left on a black background"
+ARTIFACTS = REPO / "outputs" / "test-artifacts"
+
+
+def _load_studio():
+    spec = importlib.util.spec_from_file_location("studio_under_test", REPO / "apps" / "studio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    studio = _load_studio()
+    app = studio.build_app([CKPT])
+    _, url, _ = studio.launch(app, port=_free_port(), block=False)
+    yield studio, url.rstrip("/")
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+def _as_array(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_binds_localhost_and_honours_environment(server, monkeypatch):
+    studio, url = server
+    assert url.startswith("http://127.0.0.1:")
+    seen = {}
+
+    class FakeApp:  # launch() only reads host/port here; the real server is exercised by the other tests
+        def launch(self, **kw):
+            seen.update(kw)
+
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    studio.launch(FakeApp(), block=False)
+    assert (seen["server_name"], seen["server_port"], seen["share"]) == ("0.0.0.0", 7999, False)
+    studio.launch(FakeApp(), host="127.0.0.1", port=7001, block=False)
+    assert (seen["server_name"], seen["server_port"]) == ("127.0.0.1", 7001)
+
+
+def test_generate_image_api_returns_the_pipelines_image(client):
+    image, gallery, record = client.predict(PROMPT, 3, api_name="/generate_image")
+    got = _as_array(image)
+    assert got.shape == (64, 64, 3)
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+
+    want = TextToImagePipeline.from_pretrained(CKPT)(PROMPT, generator=[torch.Generator().manual_seed(3)]).images[0]
+    assert np.array_equal(got, np.asarray(want))  # same seed, same image as the API and the CLI
+    assert len(gallery) == 1 and record["seed"] == 3 and record["forward_passes"] > 0
+    assert record["tokens"] == 256 and record["tokens_per_s"] > 0
+
+
+def test_ten_requests_at_once_all_succeed(server):
+    url = server[1]
+
+    def one(seed):
+        return Client(url, verbose=False).predict(PROMPT, seed, api_name="/generate_image")
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    assert len(results) == 10
+    for image, _, record in results:
+        assert _as_array(image).shape == (64, 64, 3)
+    assert sorted(r[2]["seed"] for r in results) == list(range(10))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", 0), "prompt is empty"),
+    (("x" * 1000, 0), "at most"),
+    ((PROMPT, -5), "seed|minimum"),
+    ((PROMPT, 0, CKPT, 10_000), "number of images|maximum"),
+    ((PROMPT, 0, CKPT, 1, 1e9), "guidance|maximum"),
+    ((PROMPT, 0, CKPT, 1, 3.0, -1.0), "temperature|minimum"),
+    ((PROMPT, 0, "/no/such/checkpoint"), "does not exist"),
+])
+def test_bad_input_is_a_message_and_the_server_keeps_serving(client, args, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message):
+        client.predict(*args, api_name="/generate_image")
+    image, _, _ = client.predict(PROMPT, 0, api_name="/generate_image")
+    assert _as_array(image).shape == (64, 64, 3)
+
+
+def test_compare_runs_two_settings_side_by_side(client):
+    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant"]
+    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear"]
+    ga, ra, gb, rb = client.predict(PROMPT, 4, *base, *other, api_name="/compare")
+    assert len(ga) == 1 and len(gb) == 2
+    assert ra["option_guidance_scale"] == 1.5 and rb["option_cfg_schedule"] == "linear"
+
+
+def _chromium() -> tuple[str | None, str | None]:
+    return (shutil.which("chromium") or shutil.which("chromium-browser")), shutil.which("chromedriver")
+
+
+def test_browser_types_a_prompt_and_gets_an_image(server):
+    browser, driver_path = _chromium()
+    if not (browser and driver_path):
+        if os.environ.get("MMGEN_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required here (make setup installs them)")
+        pytest.skip("chromium / chromedriver not installed (make setup installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--disable-background-networking", "--disable-component-update", "--no-first-run",
+              "--window-size=1400,1800"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        driver.get(server[1])
+        wait = WebDriverWait(driver, 60)
+        box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+        box.send_keys(PROMPT)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        img = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#result img")))
+        wait.until(lambda d: img.get_attribute("src") and img.get_attribute("naturalWidth") not in (None, "0"))
+        assert int(img.get_attribute("naturalWidth")) == 64
+        driver.save_screenshot(str(ARTIFACTS / "studio_generate.png"))
+        # bad input shows a message in the page, and the page keeps working
+        box.send_keys(Keys.CONTROL, "a")  # clear() would not fire the input event the page listens to
+        box.send_keys(Keys.DELETE)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: "prompt is empty" in d.page_source)
+        driver.save_screenshot(str(ARTIFACTS / "studio_error.png"))
+        box.send_keys("a small blue square in the center on a white background")
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()  # the page still works after the error
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result img").get_attribute("naturalWidth") == "64")
+    finally:
+        driver.quit()
+    assert (ARTIFACTS / "studio_generate.png").stat().st_size > 1000
