@@ -1,0 +1,80 @@
+"""Distilled Decoding (DD; Liu et al., arXiv 2412.17153): one- and two-step sampling from an AR image model.
+
+The flow map
+    For one position the teacher's next-token distribution p over codebook vectors c_k is a mixture of
+    point masses. Linear flow matching from Gaussian noise x_0 ~ N(0, I) (x_t = t c + (1 - t) x_0) has the
+    closed-form velocity v(x, t) = sum_k w_k(x, t) (c_k - x) / (1 - t), with w_k proportional to
+    p_k N(x; t c_k, (1 - t)^2 I). Integrating it from t = 0 to 1 maps a noise vector deterministically to one
+    codebook entry, and pushes N(0, I) forward to p (so the map is a sampler). ``flow_map`` integrates with
+    the exponential step x <- x + (t' - t) / (1 - t) (m - x), m = sum_k w_k c_k (exact when the weights are
+    constant over the step, stable up to t = 1), and returns the code with the largest posterior weight.
+
+    Running the teacher position by position with the flow map in place of its sampler maps a whole noise
+    sequence to a token sequence (``teacher_tokens``): the (noise, tokens) pairs the student learns from.
+
+The student (``DDStudent``)
+    Initialised from the teacher. Its inputs are a linear map from codebook-vector space (noise vectors, or
+    data vectors c_k of known tokens) plus a learnt marker saying noise or data; it predicts every token at
+    once (with Token-Shuffle, every token of every window). One step: noise -> all tokens. Two steps: the
+    tokens of the first ``split`` positions from step one become data inputs, the rest keep their noise, and
+    a second pass predicts everything.
+
+How mmgen's training differs from the paper's (whose training code is unreleased): the paper trains the
+student on the flow-map pairs with a divergence on the predicted distributions and re-noises intermediate
+states along the flow trajectory for multi-step sampling. mmgen uses cross-entropy of the student's logits
+against the teacher's tokens (the pairs are deterministic, so this is the maximum-likelihood form of the
+same regression), and for two steps it conditions on the teacher's own tokens before a random split with
+the original noise after it, which is exactly what the flow map determines (tokens after the split are a
+function of the tokens before it and of their own noise).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOW_STEPS = 48
+
+
+def flow_map(probs: torch.Tensor, codebook: torch.Tensor, noise: torch.Tensor, steps: int = FLOW_STEPS) -> torch.Tensor:
+    """probs (n, K) over codes, codebook (K, D), noise (n, D) -> code ids (n,), deterministically.
+
+    Integrates the closed-form flow-matching velocity of the point-mass mixture sum_k p_k delta(c_k) from
+    t = 0 (the noise) towards t = 1 on a grid that is denser near 1, where the posterior sharpens."""
+    if probs.dim() != 2 or noise.dim() != 2 or probs.shape[0] != noise.shape[0]:
+        raise ValueError(f"expected probs (n, K) and noise (n, D), got {tuple(probs.shape)} and {tuple(noise.shape)}")
+    if probs.shape[1] != codebook.shape[0] or noise.shape[1] != codebook.shape[1]:
+        raise ValueError(f"codebook {tuple(codebook.shape)} does not fit probs {tuple(probs.shape)} / noise "
+                         f"{tuple(noise.shape)}")
+    logp = probs.float().clamp_min(0).log()
+    c = codebook.float()
+    x = noise.float()
+    c_sq = (c * c).sum(-1)                                               # (K,)
+    # t grid: 1 - (1 - u)^2 puts half the steps in the last quarter of the path
+    grid = [1.0 - (1.0 - i / steps) ** 2 for i in range(steps + 1)]
+    w = None
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        w = _posterior(x, c, c_sq, logp, t)
+        m = w @ c
+        x = x + (t_next - t) / (1.0 - t) * (m - x)
+    t_last = grid[-2] + 0.5 * (grid[-1] - grid[-2])
+    return _posterior(x, c, c_sq, logp, t_last).argmax(-1)
+
+
+def _posterior(x, c, c_sq, logp, t: float) -> torch.Tensor:
+    """w_k proportional to p_k N(x; t c_k, (1 - t)^2 I), (n, K)."""
+    var = max(1.0 - t, 1e-6) ** 2
+    # -||x - t c||^2 / (2 var), dropping the term in ||x||^2 that is the same for every k
+    logits = logp + (t * (x @ c.t()) - 0.5 * t * t * c_sq) / var
+    return torch.softmax(logits, dim=-1)
+
+
+def noise_like(batch: int, num_tokens: int, dim: int, generator=None) -> torch.Tensor:
+    """Standard normal noise (b, N, D); ``generator`` may be one torch.Generator or one per row."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
+        return torch.stack([torch.randn(num_tokens, dim, generator=g) for g in generator])
+    return torch.randn(batch, num_tokens, dim, generator=generator)
+
+
