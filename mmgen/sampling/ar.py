@@ -113,11 +113,12 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, start_ids: torch.Tensor,
               num_tokens: int, token_range: tuple[int, int], options: SamplingOptions | None = None,
               generator: torch.Generator | None = None, progress: bool = False,
-              force_cfg: bool = False) -> tuple[torch.Tensor, SamplingRecord]:
+              force_cfg: bool = False, choose=None) -> tuple[torch.Tensor, SamplingRecord]:
     """Write ``num_tokens`` ids in ``token_range`` after prefix (b, p, d) + start_ids (b, s).
 
     With guidance_scale != 1 (or ``force_cfg``) the batch is doubled with the null prefix and logits are
-    guided. Returns unified ids (b, num_tokens) and the record."""
+    guided. ``choose(logits (b, k, range), step) -> local ids (b, k)`` replaces the random draw (Distilled
+    Decoding's flow map uses it). Returns unified ids (b, num_tokens) and the record."""
     opts = (options or SamplingOptions()).validate()
     b = prefix.shape[0]
     if isinstance(generator, (list, tuple)) and len(generator) != b:
@@ -141,7 +142,7 @@ def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, sta
         if cfg:
             scale = guidance_at(opts.guidance_scale, opts.cfg_schedule, i, steps)
             step = guided(step[:b], step[b:], scale)
-        tok = sample_next(step, opts, generator) + lo   # (b, k)
+        tok = (choose(step, i) if choose is not None else sample_next(step, opts, generator)) + lo  # (b, k)
         out[:, i] = tok
         if i + 1 < steps:
             nxt = tok if k > 1 else tok[:, 0]

@@ -78,3 +78,71 @@ def noise_like(batch: int, num_tokens: int, dim: int, generator=None) -> torch.T
     return torch.randn(batch, num_tokens, dim, generator=generator)
 
 
+
+
+# ---- the teacher: AR decoding with the flow map in place of the random draw ------------------------------
+@torch.no_grad()
+def teacher_tokens(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, start_ids: torch.Tensor,
+                   noise: torch.Tensor, token_range: tuple[int, int], codebook: torch.Tensor, options,
+                   progress: bool = False):
+    """Map noise (b, N, D) (one vector per image token, raster order) to the teacher's tokens (b, N) (unified
+    ids) by running it position by position with the flow map; the teacher's guidance, temperature, top-k and
+    top-p shape each position's distribution. Returns (ids, record)."""
+    from mmgen.sampling.ar import filter_logits, sample_ar
+
+    k = model.tokens_per_step
+    b, n, dim = noise.shape
+    per_step = model.shuffle.to_windows(noise) if k > 1 else noise[:, :, None]  # (b, steps, k, D)
+
+    def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+        v = logits.shape[-1]
+        flat = logits.reshape(b * k, v) / options.temperature
+        probs = filter_logits(flat, options.top_k, options.top_p).softmax(-1)
+        return flow_map(probs, codebook, per_step[:, step].reshape(b * k, dim)).view(b, k)
+
+    ids, record = sample_ar(model, prefix, null_prefix, start_ids, n, token_range, options, None, progress,
+                            choose=choose)
+    record.sampler = "ar+flow_map"
+    return ids, record
+
+
+# ---- the student: one or two forward passes --------------------------------------------------------------
+def split_mask(model, batch: int, num_tokens: int, split: int, device=None) -> torch.Tensor:
+    """(b, N) bool in raster order: True for the first ``split`` positions of the model's sequence order
+    (windows with Token-Shuffle, tokens otherwise); split counts positions of that order."""
+    k = model.tokens_per_step
+    order = torch.arange(num_tokens // k, device=device) < split           # per sequence position
+    if k == 1:
+        return order[None].expand(batch, -1).clone()
+    return model.shuffle.to_raster(order[None, :, None].expand(batch, -1, k)).clone()
+
+
+@torch.no_grad()
+def sample_dd(student, prefix: torch.Tensor, start_ids: torch.Tensor, noise: torch.Tensor,
+              token_range: tuple[int, int], codebook: torch.Tensor, steps: int = 1, split: int | None = None):
+    """Noise (b, N, D) -> unified ids (b, N) in ``steps`` (1 or 2) forward passes of the student, and a record.
+
+    Two steps: the first pass's tokens at the first ``split`` sequence positions (default: half) become data
+    inputs, the remaining positions keep their noise, and the second pass writes every token."""
+    import time
+
+    from mmgen.sampling.ar import SamplingRecord
+
+    if steps not in (1, 2):
+        raise ValueError(f"Distilled Decoding runs 1 or 2 steps, got {steps}")
+    b, n, dim = noise.shape
+    lo, hi = token_range
+    t0 = time.perf_counter()
+    is_data = torch.zeros(b, n, dtype=torch.bool, device=noise.device)
+    ids = student(prefix, start_ids, noise, is_data)[..., lo:hi].argmax(-1)
+    if steps == 2:
+        positions = n // student.model.tokens_per_step
+        split = positions // 2 if split is None else split
+        if not 0 < split < positions:
+            raise ValueError(f"split must lie in (0, {positions}), got {split}")
+        is_data = split_mask(student.model, b, n, split, noise.device)
+        vectors = torch.where(is_data[..., None], codebook[ids].to(noise.dtype), noise)
+        ids = student(prefix, start_ids, vectors, is_data)[..., lo:hi].argmax(-1)
+    seconds = time.perf_counter() - t0
+    record = SamplingRecord(f"dd{steps}", b, n, steps, seconds, b * n / max(seconds, 1e-9), 0, 1.0)
+    return ids + lo, record

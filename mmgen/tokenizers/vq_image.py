@@ -169,6 +169,10 @@ class VQImageTokenizer(Tokenizer):
             ids = rearrange(ids, "b (h w) -> b h w", h=h, w=w)
         return ((self.decoder(self.quantizer.embed(ids.to(self.device))) + 1) / 2).clamp(0, 1)
 
+    def code_vectors(self) -> torch.Tensor:
+        """The codebook (vocab_size, code_dim): the vectors Distilled Decoding's flow map moves noise to."""
+        return self.quantizer.codebook().detach()
+
     def decode_images(self, ids: torch.Tensor) -> list[Image.Image]:
         return tensor_to_images(self.decode(ids))
 

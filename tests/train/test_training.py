@@ -77,3 +77,26 @@ def test_two_cpu_processes_gloo(tmp_path):
     rows = _rows(tmp_path / "dist" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 6]  # one log, written by the main process only
     assert load_tokenizer(tmp_path / "dist" / "tokenizer").layout.grid == (4, 4)
+
+
+def test_dd_pairs_then_student_and_resume(tmp_path, debug_checkpoint):
+    import json as _json
+
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+    from mmgen.train.dd import SHARD, train_dd
+
+    out = tmp_path / "dd"
+    pipe_dir = train_dd(str(debug_checkpoint), str(out), pairs=SHARD, steps=4, batch_size=4, save_every=2,
+                        progress=False)
+    shard = out / "pairs" / "shard_00000.safetensors"
+    stamp = shard.stat().st_mtime_ns
+    pipe = TextToImagePipeline.from_pretrained(pipe_dir)
+    assert pipe.student is not None
+    out_img = pipe("a small blue star in the center on a white background", sampler="dd", steps=2)
+    assert out_img.record["forward_passes"] == 2
+    train_dd(str(debug_checkpoint), str(out), pairs=SHARD, steps=6, batch_size=4, save_every=2, resume=True,
+             progress=False)
+    assert shard.stat().st_mtime_ns == stamp  # pairs on disk are reused, not rewritten
+    steps = [_json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    state = _json.loads((out / "train_state" / "state.json").read_text())
+    assert state["step"] == 6 and steps == sorted(steps)
