@@ -34,6 +34,7 @@ MAX_PROMPT_CHARS = 400
 MAX_IMAGES = 16
 MAX_SEED = 2**31 - 1
 QUEUE_SIZE = 64
+SAMPLER_CHOICES = {"AR": ("ar", 1), "DD 1 step": ("dd", 1), "DD 2 steps": ("dd", 2)}
 
 
 def find_checkpoints(root: Path = REPO / "checkpoints") -> list[str]:
@@ -66,6 +67,14 @@ class Studio:
             self._pipes[key] = TextToImagePipeline.from_pretrained(checkpoint)
         return self._pipes[key]
 
+    def samplers(self, checkpoint: str) -> list[str]:
+        """Sampler choices the checkpoint supports (Distilled Decoding only where it ships a student)."""
+        try:
+            has_student = self.pipeline(checkpoint).student is not None
+        except (CheckpointError, ValueError, OSError):
+            has_student = False
+        return list(SAMPLER_CHOICES) if has_student else ["AR"]
+
     def describe(self, checkpoint: str) -> str:
         try:
             pipe = self.pipeline(checkpoint)
@@ -76,12 +85,14 @@ class Studio:
         shuffle = (f"Token-Shuffle window {m.config.shuffle_window} ({k} tokens per forward pass)" if k > 1
                    else "Token-Shuffle off (one token per forward pass)")
         d = pipe.defaults
+        dd = ("; a Distilled Decoding student (1 or 2 forward passes per image batch)" if pipe.student is not None
+              else "")
         return (f"`{checkpoint}`: {m.num_parameters() / 1e6:.2f} M-parameter transformer, {t.layout.num_tokens} "
-                f"image tokens from a {t.vocab_size}-code tokenizer; {shuffle}. Checkpoint defaults: guidance "
+                f"image tokens from a {t.vocab_size}-code tokenizer; {shuffle}{dd}. Checkpoint defaults: guidance "
                 f"{d['guidance_scale']}, temperature {d['temperature']}, top-k {d['top_k']}, top-p {d['top_p']}.")
 
     def generate(self, prompt, seed, checkpoint, num_images, guidance_scale, temperature, top_k, top_p,
-                 cfg_schedule):
+                 cfg_schedule, sampler="AR"):
         """Returns (first image, [(image, caption)], record dict); raises gr.Error with a readable message."""
         try:
             prompt = _check_prompt(prompt)
@@ -93,8 +104,12 @@ class Studio:
                                         temperature=_num("temperature", temperature),
                                         top_k=_int_in("top-k", top_k, 0, 1_000_000),
                                         top_p=_num("top-p", top_p), cfg_schedule=cfg_schedule or None)
+                if sampler not in SAMPLER_CHOICES:
+                    raise ValueError(f"sampler must be one of {list(SAMPLER_CHOICES)}, got {sampler!r}")
+                kind, steps = SAMPLER_CHOICES[sampler]
                 gens = [torch.Generator().manual_seed(seed + k) for k in range(n)]
-                out = pipe(prompt, num_images=n, generator=gens, progress=True, **sampling.__dict__)
+                out = pipe(prompt, num_images=n, generator=gens, progress=True, sampler=kind, steps=steps,
+                           **sampling.__dict__)
         except (CheckpointError, ValueError, OSError) as e:
             raise gr.Error(str(e)) from None
         record = {"checkpoint": checkpoint, "seed": seed, **out.record, **{f"option_{k}": v for k, v in
@@ -152,11 +167,15 @@ def build_app(checkpoints: list[str] | None = None) -> gr.Blocks:
             temperature = gr.Slider(0.05, 5, value=defaults["temperature"], step=0.05, label=f"{prefix}temperature")
             top_k = gr.Slider(0, 1024, value=defaults["top_k"], step=1, label=f"{prefix}top-k", info="0 = off")
             top_p = gr.Slider(0.05, 1, value=defaults["top_p"], step=0.01, label=f"{prefix}top-p", info="1 = off")
-        return ckpt, n, guidance, temperature, top_k, top_p, schedule
+        sampler = gr.Radio(studio.samplers(first), value="AR", label=f"{prefix}sampler",
+                           info="AR: one forward pass per token (window); DD: the distilled student, 1 or 2 passes")
+        ckpt.change(lambda c: gr.update(choices=studio.samplers(c), value="AR"), ckpt, sampler,
+                    api_visibility="private")
+        return ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler
 
-    def run(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule,
+    def run(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler,
             progress=gr.Progress(track_tqdm=True)):
-        return studio.generate(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule)
+        return studio.generate(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler)
 
     with gr.Blocks(title="mmgen studio", delete_cache=(3600, 3600)) as app:
         gr.Markdown("# mmgen studio\nOne autoregressive transformer writes image tokens; a tokenizer turns them "
@@ -199,8 +218,8 @@ def build_app(checkpoints: list[str] | None = None) -> gr.Blocks:
             c_button = gr.Button("Compare", variant="primary", elem_id="compare")
 
             def compare(prompt, seed, *values, progress=gr.Progress(track_tqdm=True)):
-                _, ga, ra = studio.generate(prompt, seed, *values[:7])
-                _, gb, rb = studio.generate(prompt, seed, *values[7:])
+                _, ga, ra = studio.generate(prompt, seed, *values[:8])
+                _, gb, rb = studio.generate(prompt, seed, *values[8:])
                 return ga, ra, gb, rb
 
             c_button.click(compare, [c_prompt, c_seed, *a, *b], [a_gallery, a_record, b_gallery, b_record],

@@ -158,6 +158,9 @@ def main(argv=None) -> dict:
     transformers.logging.set_verbosity_error()
 
     model = build_model(args.checkpoint)
+    if model.tokens_per_step > 1:
+        ap.error("this checkpoint uses Token-Shuffle (several tokens per position); transformers' generate() "
+                 "cannot run it, so there is nothing to compare against")
     for p in model.parameters():
         p.requires_grad_(False)
     hf = hf_wrapper(model)

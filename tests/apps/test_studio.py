@@ -115,8 +115,8 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(client, args, messa
 
 
 def test_compare_runs_two_settings_side_by_side(client):
-    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant"]
-    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear"]
+    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "AR"]
+    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear", "AR"]
     ga, ra, gb, rb = client.predict(PROMPT, 4, *base, *other, api_name="/compare")
     assert len(ga) == 1 and len(gb) == 2
     assert ra["option_guidance_scale"] == 1.5 and rb["option_cfg_schedule"] == "linear"
