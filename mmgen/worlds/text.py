@@ -1,0 +1,223 @@
+"""The text world: seeded long-text images, as WORLDS.md section 2 fixes them.
+
+Contract: 256x256 RGB by default (128 and 512 too; font sizes scale with the canvas), characters from
+``A-Z a-z 0-9 space . , ! ? ' -``, words from the shipped word list (``data/words.txt``), wrapped greedily at
+word boundaries to the canvas width minus a margin, 1 to 8 lines (a newline in the text forces a break);
+fonts DejaVu Sans / Serif / Sans Mono (Debian's fonts-dejavu-core), sizes small 16 / medium 24 / large 32 px
+at 256x256, text colour from the shapes palette plus black and white, backgrounds white / black / beige,
+alignment left / center / right. Caption:
+``a white card with the text "Hello world" in large blue serif letters, center aligned``.
+
+mmgen-specific choices, inside the contract: the margin is 1/16 of the canvas on every side; lines are
+``round(1.25 * font size)`` apart and the block is centred vertically; the text colour never equals the
+background; a text that needs more lines than the canvas holds at that size is refused, never truncated.
+Comparisons fold every run of whitespace into one space (``normalize_text``).
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from mmgen.worlds.shapes import COLORS as SHAPE_COLORS
+
+ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,!?'-")
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+FONTS = {"sans": "DejaVuSans.ttf", "serif": "DejaVuSerif.ttf", "mono": "DejaVuSansMono.ttf"}
+SIZES = {"small": 16, "medium": 24, "large": 32}  # pixels at a 256x256 canvas
+COLORS = {**SHAPE_COLORS, "black": (0, 0, 0), "white": (255, 255, 255)}
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "beige": (245, 240, 220)}
+ALIGNS = ("left", "center", "right")
+MAX_LINES = 8
+CANVASES = (128, 256, 512)
+WORDS_FILE = Path(__file__).resolve().parent / "data" / "words.txt"
+
+_TRAIN_CARD = ("card", "sign", "poster", "page", "board")
+_TRAIN_TEMPLATES = (
+    'a {bg} {card} with the text "{text}" in {size} {color} {font} letters, {align} aligned',
+    'a {bg} {card} that says "{text}" in {size} {color} {font} letters, {align} aligned',
+    '"{text}" written in {size} {color} {font} letters on a {bg} {card}, {align} aligned',
+    'a {bg} {card} showing "{text}", {size} {color} {font} type, aligned {align}',
+)
+_SIZE_WORDS = {"small": ("small",), "medium": ("medium", "mid-sized"), "large": ("large", "big")}
+_FONT_WORDS = {"sans": ("sans", "sans-serif"), "serif": ("serif",), "mono": ("mono", "monospace")}
+
+
+@lru_cache(maxsize=None)
+def words() -> tuple[str, ...]:
+    return tuple(w for w in WORDS_FILE.read_text().split() if w)
+
+
+def normalize_text(text: str) -> str:
+    """Fold every run of whitespace (newlines included) into one space and strip the ends."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@lru_cache(maxsize=64)
+def font(name: str, px: int) -> ImageFont.FreeTypeFont:
+    if name not in FONTS:
+        raise ValueError(f"unknown font {name!r}; choose from {sorted(FONTS)}")
+    path = FONT_DIR / FONTS[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: install Debian's fonts-dejavu-core (make setup does)")
+    return ImageFont.truetype(str(path), px)
+
+
+def font_px(size: str, canvas: int) -> int:
+    if size not in SIZES:
+        raise ValueError(f"unknown text size {size!r}; choose from {sorted(SIZES)}")
+    return max(6, round(SIZES[size] * canvas / 256))
+
+
+def geometry(canvas: int, size: str) -> tuple[int, int, int]:
+    """(margin, line height, most lines that fit) for a canvas and a text size."""
+    px = font_px(size, canvas)
+    margin = canvas // 16
+    line_h = round(1.25 * px)
+    return margin, line_h, min(MAX_LINES, (canvas - 2 * margin) // line_h)
+
+
+def check_text(text: str) -> None:
+    if not isinstance(text, str) or not normalize_text(text):
+        raise ValueError("the quoted text is empty: put the words to write between the quotes")
+    bad = sorted({c for c in text if c not in ALPHABET and c != "\n"})
+    if bad:
+        raise ValueError(f"the text world writes only A-Z a-z 0-9 space . , ! ? ' - ; these characters are not "
+                         f"allowed: {''.join(bad)!r}")
+
+
+def wrap(text: str, font_name: str, size: str, canvas: int = 256) -> list[str]:
+    """Greedy word wrap to the canvas width minus the margins; newlines force breaks. Raises ValueError when
+    a word is wider than a line or the text needs more lines than fit."""
+    check_text(text)
+    f = font(font_name, font_px(size, canvas))
+    margin, _, max_lines = geometry(canvas, size)
+    width = canvas - 2 * margin
+    lines: list[str] = []
+    for para in text.split("\n"):
+        current = ""
+        for word in para.split():
+            if f.getlength(word) > width:
+                raise ValueError(f"the word {word!r} is wider than a line at {size} size on a {canvas}x{canvas} canvas")
+            trial = f"{current} {word}" if current else word
+            if f.getlength(trial) <= width:
+                current = trial
+            else:
+                lines.append(current)
+                current = word
+        if current:
+            lines.append(current)
+    if not lines:
+        raise ValueError("the quoted text is empty: put the words to write between the quotes")
+    if len(lines) > max_lines:
+        raise ValueError(f"the text needs {len(lines)} lines; at {size} size a {canvas}x{canvas} canvas holds "
+                         f"{max_lines}: shorten it or choose a smaller size")
+    return lines
+
+
+def render(text: str, font_name: str = "sans", size: str = "medium", color: str = "black",
+           background: str = "white", align: str = "center", canvas: int = 256) -> Image.Image:
+    if color not in COLORS:
+        raise ValueError(f"unknown text colour {color!r}; choose from {sorted(COLORS)}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; choose from {sorted(BACKGROUNDS)}")
+    if align not in ALIGNS:
+        raise ValueError(f"unknown alignment {align!r}; choose from {ALIGNS}")
+    if not isinstance(canvas, int) or canvas < 64:
+        raise ValueError(f"canvas must be an integer of at least 64 pixels, got {canvas!r}")
+    lines = wrap(text, font_name, size, canvas)
+    f = font(font_name, font_px(size, canvas))
+    margin, line_h, _ = geometry(canvas, size)
+    img = Image.new("RGB", (canvas, canvas), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    ascent, descent = f.getmetrics()
+    top = (canvas - len(lines) * line_h) // 2 + (line_h - ascent - descent) // 2
+    for i, line in enumerate(lines):
+        w = f.getlength(line)
+        x = {"left": margin, "center": (canvas - w) / 2, "right": canvas - margin - w}[align]
+        draw.text((x, top + i * line_h), line, font=f, fill=COLORS[color])
+    return img
+
+
+@dataclass
+class TextSample:
+    caption: str
+    image: Image.Image
+    text: str            # exactly what is written (newlines where the caption's text forces breaks: none)
+    lines: list[str]     # the wrapped lines as rendered
+    font: str
+    size: str
+    color: str
+    background: str
+    align: str
+    canvas: int
+
+
+def canonical_caption(text: str, font_name: str, size: str, color: str, background: str, align: str) -> str:
+    return f'a {background} card with the text "{text}" in {size} {color} {font_name} letters, {align} aligned'
+
+
+def _paraphrase(rng: random.Random, text, font_name, size, color, background, align) -> str:
+    return rng.choice(_TRAIN_TEMPLATES).format(
+        bg=background, card=rng.choice(_TRAIN_CARD), text=text, size=rng.choice(_SIZE_WORDS[size]), color=color,
+        font=rng.choice(_FONT_WORDS[font_name]), align=align)
+
+
+def _random_text(rng: random.Random, target_lines: int, font_name: str, size: str, canvas: int) -> str:
+    vocab = words()
+    out: list[str] = []
+    while True:
+        w = rng.choice(vocab)
+        if rng.random() < 0.15:
+            w = w.capitalize()
+        if rng.random() < 0.06:
+            w += rng.choice(".,!?")
+        trial = out + [w]
+        try:
+            n = len(wrap(" ".join(trial), font_name, size, canvas))
+        except ValueError:
+            break
+        if n > target_lines:
+            break
+        out = trial
+    text = " ".join(out) or rng.choice(vocab)
+    return text[0].upper() + text[1:]
+
+
+def generate(n: int | None = None, seed: int = 0, canvas: int = 256, paraphrase: bool = False,
+             min_lines: int = 1, max_lines: int = MAX_LINES) -> Iterator[TextSample]:
+    """Yield n samples (None: forever), deterministic for a seed."""
+    if canvas not in CANVASES and (not isinstance(canvas, int) or canvas < 64):
+        raise ValueError(f"canvas must be an integer of at least 64 pixels, got {canvas!r}")
+    if not 1 <= min_lines <= max_lines <= MAX_LINES:
+        raise ValueError(f"need 1 <= min_lines <= max_lines <= {MAX_LINES}")
+    rng = random.Random(seed)
+    i = 0
+    while n is None or i < n:
+        font_name = rng.choice(sorted(FONTS))
+        size = rng.choice(sorted(SIZES))
+        background = rng.choice(sorted(BACKGROUNDS))
+        color = rng.choice([c for c in sorted(COLORS) if COLORS[c] != BACKGROUNDS[background]])
+        align = rng.choice(ALIGNS)
+        fits = geometry(canvas, size)[2]
+        hi = min(max_lines, fits)
+        if hi < min_lines:
+            continue
+        target = rng.randint(min_lines, hi)
+        text = _random_text(rng, target, font_name, size, canvas)
+        lines = wrap(text, font_name, size, canvas)
+        image = render(text, font_name, size, color, background, align, canvas)
+        caption = (_paraphrase(rng, text, font_name, size, color, background, align) if paraphrase
+                   else canonical_caption(text, font_name, size, color, background, align))
+        yield TextSample(caption, image, text, lines, font_name, size, color, background, align, canvas)
+        i += 1
+
+
+def image_array(sample: TextSample) -> np.ndarray:
+    return np.asarray(sample.image)

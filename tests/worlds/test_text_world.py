@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from mmgen.worlds import text as tw
+
+
+def test_deterministic_and_within_contract():
+    a = list(tw.generate(12, seed=3))
+    b = list(tw.generate(12, seed=3))
+    assert [s.caption for s in a] == [s.caption for s in b]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    for s in a:
+        assert s.image.size == (256, 256) and s.image.mode == "RGB"
+        assert set(s.text) <= tw.ALPHABET and 1 <= len(s.lines) <= tw.MAX_LINES
+        assert f'"{s.text}"' in s.caption and s.color in s.caption and s.align in s.caption
+        assert tw.COLORS[s.color] != tw.BACKGROUNDS[s.background]
+        assert tw.normalize_text(" ".join(s.lines)) == tw.normalize_text(s.text)
+        assert all(w.strip(".,!?").lower() in tw.words() for w in s.text.split())
+
+
+def test_canonical_caption_format():
+    assert tw.canonical_caption("Hello world", "serif", "large", "blue", "white", "center") == \
+        'a white card with the text "Hello world" in large blue serif letters, center aligned'
+
+
+@pytest.mark.parametrize("canvas", [128, 256, 512])
+def test_canvases_and_scaled_fonts(canvas):
+    s = next(tw.generate(1, seed=1, canvas=canvas))
+    assert s.image.size == (canvas, canvas)
+    assert tw.font_px("large", canvas) == round(32 * canvas / 256)
+
+
+def test_alignment_and_colour_are_drawn():
+    img = np.asarray(tw.render("Hi", "sans", "large", "red", "white", "left"))
+    ys, xs = np.nonzero((np.abs(img.astype(int) - [230, 25, 25]).sum(-1) < 60))
+    assert len(xs) > 20 and xs.min() >= 256 // 16 - 1 and xs.max() < 128
+    img = np.asarray(tw.render("Hi", "sans", "large", "red", "white", "right"))
+    xs = np.nonzero((np.abs(img.astype(int) - [230, 25, 25]).sum(-1) < 60))[1]
+    assert xs.min() > 128 and xs.max() <= 256 - 256 // 16
+
+
+def test_wrap_and_forced_breaks():
+    lines = tw.wrap("one two\nthree", "mono", "small")
+    assert lines == ["one two", "three"]
+    long = " ".join(["water"] * 14)
+    assert len(tw.wrap(long, "sans", "small")) > 1
+
+
+def test_bad_text_is_refused_clearly():
+    with pytest.raises(ValueError, match="not allowed"):
+        tw.render("caf\u00e9 & bar")
+    with pytest.raises(ValueError, match="empty"):
+        tw.render('   ')
+    with pytest.raises(ValueError, match="lines"):
+        tw.render(" ".join(["window"] * 200), size="large")
+    with pytest.raises(ValueError, match="unknown"):
+        tw.render("hi", color="teal")
+
+
+def test_paraphrased_captions_keep_the_text():
+    for s in tw.generate(10, seed=5, paraphrase=True):
+        assert f'"{s.text}"' in s.caption
