@@ -6,8 +6,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test bench clean-venv
 
-# Debian packages: chromium + chromedriver (the studio's browser test), DejaVu fonts (text world).
-APT_PACKAGES := chromium chromium-driver fonts-dejavu-core
+# Debian packages: chromium + chromedriver (studio browser test), DejaVu fonts (text world), Tesseract (text-eval).
+APT_PACKAGES := chromium chromium-driver fonts-dejavu-core tesseract-ocr tesseract-ocr-eng
 
 $(VENV)/.mmgen-installed: pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
