@@ -52,33 +52,43 @@ def find_checkpoints(root: Path = REPO / "checkpoints") -> list[str]:
 class Studio:
     """Loads pipelines on first use (cached) and turns UI values into pipeline calls."""
 
-    def __init__(self, checkpoints: list[str]):
+    def __init__(self, checkpoints: list[str], allow_custom: bool = False, max_loaded: int = 4):
         if not checkpoints:
             raise CheckpointError("no text-to-image checkpoint found; pass --checkpoint DIR")
         self.checkpoints = checkpoints
+        self.allow_custom = allow_custom  # off: only the checkpoints the studio was started with can load
+        self.max_loaded = max_loaded
+        self._allowed = {str(Path(c).resolve()) for c in checkpoints}
         self._pipes: dict[str, TextToImagePipeline] = {}
+        self._load_lock = threading.Lock()
         self._lock = threading.Lock()  # one generation at a time; tokenizers are not safe to share across threads
 
     def pipeline(self, checkpoint: str) -> TextToImagePipeline:
         if not checkpoint or not str(checkpoint).strip():
             raise CheckpointError("choose a checkpoint")
         key = str(Path(checkpoint).resolve())
-        if key not in self._pipes:
-            self._pipes[key] = TextToImagePipeline.from_pretrained(checkpoint)
-        return self._pipes[key]
+        if key not in self._allowed and not self.allow_custom:
+            raise CheckpointError(f"{checkpoint} is not one of this studio's checkpoints (start the studio with "
+                                  "--checkpoint DIR to add one)")
+        with self._load_lock:
+            if key not in self._pipes:
+                if len(self._pipes) >= self.max_loaded:  # forget the oldest custom load
+                    self._pipes.pop(next(iter(self._pipes)))
+                self._pipes[key] = TextToImagePipeline.from_pretrained(checkpoint)
+            return self._pipes[key]
 
     def samplers(self, checkpoint: str) -> list[str]:
         """Sampler choices the checkpoint supports (Distilled Decoding only where it ships a student)."""
         try:
             has_student = self.pipeline(checkpoint).student is not None
-        except (CheckpointError, ValueError, OSError):
+        except Exception:  # the describe() text next to it says what is wrong
             has_student = False
         return list(SAMPLER_CHOICES) if has_student else ["AR"]
 
     def describe(self, checkpoint: str) -> str:
         try:
             pipe = self.pipeline(checkpoint)
-        except (CheckpointError, ValueError, OSError) as e:
+        except Exception as e:  # shown in the page; the server keeps serving
             return f"**Checkpoint problem:** {e}"
         m, t = pipe.model, pipe.tokenizer
         k = m.tokens_per_step
@@ -110,8 +120,11 @@ class Studio:
                 gens = [torch.Generator().manual_seed(seed + k) for k in range(n)]
                 out = pipe(prompt, num_images=n, generator=gens, progress=True, sampler=kind, steps=steps,
                            **sampling.__dict__)
-        except (CheckpointError, ValueError, OSError) as e:
+        except (CheckpointError, ValueError, OSError, KeyError) as e:
             raise gr.Error(str(e)) from None
+        except Exception as e:  # an unexpected failure: logged in full, reported briefly, server keeps serving
+            log.exception("generation failed")
+            raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
         record = {"checkpoint": checkpoint, "seed": seed, **out.record, **{f"option_{k}": v for k, v in
                                                                         sampling.__dict__.items()}}
         gallery = [(img, f"seed {seed + k}") for k, img in enumerate(out.images)]
@@ -148,15 +161,17 @@ def _examples_file() -> list[str]:
     return [line.strip() for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
 
-def build_app(checkpoints: list[str] | None = None) -> gr.Blocks:
-    studio = Studio(checkpoints if checkpoints is not None else find_checkpoints())
+def build_app(checkpoints: list[str] | None = None, allow_custom: bool = False) -> gr.Blocks:
+    studio = Studio(checkpoints if checkpoints is not None else find_checkpoints(), allow_custom)
     first = studio.checkpoints[0]
     defaults = studio.pipeline(first).defaults
 
     def settings(prefix: str = ""):
         with gr.Row():
-            ckpt = gr.Dropdown(studio.checkpoints, value=first, label=f"{prefix}checkpoint", allow_custom_value=True,
-                               info="a shipped checkpoint, or type the path of your own")
+            ckpt = gr.Dropdown(studio.checkpoints, value=first, label=f"{prefix}checkpoint",
+                               allow_custom_value=studio.allow_custom,
+                               info=("a checkpoint, or type the path of your own" if studio.allow_custom
+                                     else "the checkpoints this studio was started with"))
             n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label=f"{prefix}number of images")
         with gr.Row():
             guidance = gr.Slider(0, 20, value=defaults["guidance_scale"], step=0.1, label=f"{prefix}guidance scale",
@@ -245,11 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", action="append",
                    help="text-to-image checkpoint folder (repeatable; default: every one under checkpoints/)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--allow-custom-checkpoints", action="store_true",
+                   help="let users type any checkpoint folder on this machine (off: only --checkpoint folders)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        app = build_app(args.checkpoint)
-    except (CheckpointError, ValueError) as e:
+        app = build_app(args.checkpoint, args.allow_custom_checkpoints)
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     launch(app, args.host, args.port, args.share)

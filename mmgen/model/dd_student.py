@@ -74,7 +74,8 @@ class DDStudent(nn.Module):
         if codebook.shape[1] != self.config.code_dim or codebook_fingerprint(codebook) != self.config.codebook_fingerprint:
             raise CheckpointError("the Distilled Decoding student was trained against a different tokenizer "
                                   "codebook; retrain it with mmgen train dd --teacher <this checkpoint>")
-        if model.tokens_per_step != self.model.tokens_per_step:
+        if (model.tokens_per_step != self.model.tokens_per_step
+                or tuple(model.config.shuffle_grid) != tuple(self.model.config.shuffle_grid)):
             raise CheckpointError("the Distilled Decoding student and the model use different Token-Shuffle windows")
 
     def forward(self, prefix: torch.Tensor, start_ids: torch.Tensor, vectors: torch.Tensor,

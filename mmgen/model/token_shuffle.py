@@ -42,6 +42,8 @@ class TokenShuffle(nn.Module):
         if s < 2:
             raise ValueError(f"TokenShuffle needs a window of at least 2 (window 1 is the plain model), got {s}")
         h, w = (int(g) for g in grid)
+        if h <= 0 or w <= 0:
+            raise ValueError(f"Token-Shuffle needs the token grid (H, W), got {tuple(grid)}")
         if h % s or w % s:
             raise ValueError(f"token grid {h}x{w} is not divisible by the shuffle window {s}")
         if dim % (s * s):

@@ -147,6 +147,8 @@ class TextToImagePipeline:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
         if isinstance(generator, (list, tuple)) and len(generator) != len(expanded):
             raise ValueError(f"pass one generator per image: got {len(generator)} for {len(expanded)} images")
+        if negative_prompt and sampler == "ar" and opts.guidance_scale == 1.0:
+            raise ValueError("a negative prompt acts through guidance: set guidance_scale to something other than 1")
         if sampler == "dd":
             if negative_prompt:
                 raise ValueError("negative prompts need the AR sampler (the student has guidance built in)")

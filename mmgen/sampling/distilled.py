@@ -55,10 +55,8 @@ def flow_map(probs: torch.Tensor, codebook: torch.Tensor, noise: torch.Tensor, s
     w = None
     for t, t_next in zip(grid[:-1], grid[1:]):
         w = _posterior(x, c, c_sq, logp, t)
-        m = w @ c
-        x = x + (t_next - t) / (1.0 - t) * (m - x)
-    t_last = grid[-2] + 0.5 * (grid[-1] - grid[-2])
-    return _posterior(x, c, c_sq, logp, t_last).argmax(-1)
+        x = x + (t_next - t) / (1.0 - t) * (w @ c - x)
+    return w.argmax(-1)  # the posterior at the last grid time before 1 (t = 1 - 1/steps^2) has collapsed
 
 
 def _posterior(x, c, c_sq, logp, t: float) -> torch.Tensor:
@@ -90,8 +88,14 @@ def teacher_tokens(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None
     top-p shape each position's distribution. Returns (ids, record)."""
     from mmgen.sampling.ar import filter_logits, sample_ar
 
+    from mmgen.sampling.ar import SamplingOptions
+
+    options = (options or SamplingOptions()).validate()
     k = model.tokens_per_step
     b, n, dim = noise.shape
+    if b != prefix.shape[0] or dim != codebook.shape[1]:
+        raise ValueError(f"noise {tuple(noise.shape)} does not fit a batch of {prefix.shape[0]} and codes of "
+                         f"{codebook.shape[1]} dimensions")
     per_step = model.shuffle.to_windows(noise) if k > 1 else noise[:, :, None]  # (b, steps, k, D)
 
     def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
@@ -142,7 +146,8 @@ def sample_dd(student, prefix: torch.Tensor, start_ids: torch.Tensor, noise: tor
             raise ValueError(f"split must lie in (0, {positions}), got {split}")
         is_data = split_mask(student.model, b, n, split, noise.device)
         vectors = torch.where(is_data[..., None], codebook[ids].to(noise.dtype), noise)
-        ids = student(prefix, start_ids, vectors, is_data)[..., lo:hi].argmax(-1)
+        second = student(prefix, start_ids, vectors, is_data)[..., lo:hi].argmax(-1)
+        ids = torch.where(is_data, ids, second)  # the data positions stay what the second pass was told
     seconds = time.perf_counter() - t0
     record = SamplingRecord(f"dd{steps}", b, n, steps, seconds, b * n / max(seconds, 1e-9), 0, 1.0)
     return ids + lo, record

@@ -38,6 +38,7 @@ def make_pairs(pipe: TextToImagePipeline, folder: Path, count: int, seed: int = 
     folder.mkdir(parents=True, exist_ok=True)
     opts = pipe.options()
     codebook = pipe.tokenizer.code_vectors()
+    origin = teacher_signature(pipe)
     n_tok, dim = pipe.tokenizer.layout.num_tokens, codebook.shape[1]
     lo, hi = pipe.model.vocab.range("image")
     boi_id = pipe.model.vocab.special("<boi>")
@@ -47,6 +48,7 @@ def make_pairs(pipe: TextToImagePipeline, folder: Path, count: int, seed: int = 
     for i in range(shards):
         path = folder / f"shard_{i:05d}.safetensors"
         if path.is_file():
+            _check_origin(path, origin)
             continue
         samples = list(shapes.generate(SHARD, seed=seed * 100_003 + i, paraphrase=True,
                                        exclude_combos=shapes.HELD_OUT_COMBOS))
@@ -63,18 +65,44 @@ def make_pairs(pipe: TextToImagePipeline, folder: Path, count: int, seed: int = 
             tokens.append(ids - lo)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"noise": noise.contiguous(), "tokens": torch.cat(tokens).to(torch.int32)}, str(tmp),
-                  metadata={"prompts": json.dumps(prompts), "teacher_sampling": json.dumps(opts.__dict__)})
+                  metadata={"prompts": json.dumps(prompts), "teacher": json.dumps(origin)})
         tmp.replace(path)
         bar.update(1)
     bar.close()
     return shards * SHARD
 
 
-def load_pairs(folder: Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def teacher_signature(pipe: TextToImagePipeline) -> dict:
+    """What the pairs depend on: the teacher's weights, its codebook and its sampling options."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(pipe.model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().numpy().tobytes())
+    from mmgen.model.dd_student import codebook_fingerprint
+
+    return {"model": h.hexdigest()[:16], "codebook": codebook_fingerprint(pipe.tokenizer.code_vectors()),
+            "sampling": pipe.options().__dict__}
+
+
+def _check_origin(path: Path, origin: dict) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as h:
+        stored = json.loads(h.metadata().get("teacher", "{}"))
+    if stored != origin:
+        raise CheckpointError(f"{path} was written by another teacher or other sampling options ({stored}); "
+                              f"use a fresh --output folder")
+
+
+def load_pairs(folder: Path, count: int | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     from safetensors import safe_open
 
     prompts, noise, tokens = [], [], []
     files = sorted(folder.glob("shard_*.safetensors"))
+    if count is not None:
+        files = files[:(count + SHARD - 1) // SHARD]
     if not files:
         raise CheckpointError(f"no teacher pairs in {folder}")
     for f in files:
@@ -95,10 +123,10 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
     out = Path(output)
     pipe = TextToImagePipeline.from_pretrained(teacher)
     make_pairs(pipe, out / "pairs", pairs, seed, progress=progress)
-    prompts, noise, tokens = load_pairs(out / "pairs")
+    prompts, noise, tokens = load_pairs(out / "pairs", pairs)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(seed)
-    codebook = pipe.tokenizer.code_vectors()
+    codebook = pipe.tokenizer.code_vectors().to(acc.device)
     student = DDStudent.from_teacher(pipe.model, codebook, pipe.options().__dict__)
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -140,7 +168,10 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
         prefix = unwrapped.model.prefix(cond.states, cond.mask)
         boi = torch.full((batch_size, 1), boi_id, dtype=torch.long, device=acc.device)
         logits = wrapped(prefix, boi, vectors, is_data)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), (tok + lo).reshape(-1))
+        # data positions are given, not predicted (the sampler keeps them): no loss there
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), (tok + lo).reshape(-1), reduction="none")
+        keep = (~is_data).reshape(-1).float()
+        loss = (per_token * keep).sum() / keep.sum()
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, min(100, steps // 10))
         opt.zero_grad(set_to_none=True)
@@ -149,7 +180,8 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
         opt.step()
         step += 1
         if step % 20 == 0 or step == steps:
-            acc_tok = (logits.detach()[..., lo:lo + codebook.shape[0]].argmax(-1) == tok).float().mean().item()
+            hit = logits.detach()[..., lo:lo + codebook.shape[0]].argmax(-1) == tok
+            acc_tok = hit[~is_data].float().mean().item()
             metrics.log(step, minutes0, loss=loss.item(), token_accuracy=acc_tok, lr=opt.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc_tok:.2f}")
         bar.update(1)

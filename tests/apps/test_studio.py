@@ -103,7 +103,8 @@ def test_ten_requests_at_once_all_succeed(server):
     ((PROMPT, 0, CKPT, 10_000), "number of images|maximum"),
     ((PROMPT, 0, CKPT, 1, 1e9), "guidance|maximum"),
     ((PROMPT, 0, CKPT, 1, 3.0, -1.0), "temperature|minimum"),
-    ((PROMPT, 0, "/no/such/checkpoint"), "does not exist"),
+    ((PROMPT, 0, "/no/such/checkpoint"), "not one of this studio's checkpoints"),
+    ((PROMPT, 0, CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "DD 1 step"), "no Distilled Decoding student|choices"),
 ])
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, args, message):
     from gradio_client.exceptions import AppError
@@ -169,3 +170,17 @@ def test_browser_types_a_prompt_and_gets_an_image(server):
     finally:
         driver.quit()
     assert (ARTIFACTS / "studio_generate.png").stat().st_size > 1000
+
+
+def test_only_the_studios_checkpoints_load_unless_allowed(tmp_path):
+    from mmgen.tokenizers.base import CheckpointError
+
+    studio = _load_studio()
+    closed = studio.Studio([CKPT])
+    with pytest.raises(CheckpointError, match="not one of"):
+        closed.pipeline(str(tmp_path))
+    assert closed.pipeline(CKPT) is closed.pipeline(CKPT + "/")  # loaded once, cached
+    opened = studio.Studio([CKPT], allow_custom=True)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        opened.pipeline(str(tmp_path / "missing"))
+    assert "Checkpoint problem" in opened.describe(str(tmp_path / "missing"))
