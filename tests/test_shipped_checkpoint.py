@@ -29,7 +29,17 @@ def test_generates_deterministic_64px_images(pipe):
     b = pipe(prompt, num_images=1, generator=[torch.Generator().manual_seed(0)])
     assert a.images[0].size == (64, 64)
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
-    assert a.record["tokens"] == 256 and a.record["forward_passes"] == 256
+    assert a.record["tokens"] == 256 and a.record["forward_passes"] == 256 // pipe.model.tokens_per_step
+
+
+def test_distilled_student_when_shipped(pipe):
+    if pipe.student is None:
+        pytest.skip("this checkpoint ships no Distilled Decoding student")
+    prompt = "a small blue square in the center on a white background"
+    for steps in (1, 2):
+        out = pipe(prompt, num_images=2, sampler="dd", steps=steps,
+                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+        assert out.record["forward_passes"] == steps and out.images[0].size == (64, 64)
 
 
 def test_tokenizer_reconstructs_world_images(pipe):

@@ -104,7 +104,7 @@ def test_ten_requests_at_once_all_succeed(server):
     ((PROMPT, 0, CKPT, 1, 1e9), "guidance|maximum"),
     ((PROMPT, 0, CKPT, 1, 3.0, -1.0), "temperature|minimum"),
     ((PROMPT, 0, "/no/such/checkpoint"), "not one of this studio's checkpoints"),
-    ((PROMPT, 0, CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "DD 1 step"), "no Distilled Decoding student|choices"),
+    ((PROMPT, 0, CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "diffusion"), "choices|sampler"),
 ])
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, args, message):
     from gradio_client.exceptions import AppError
@@ -113,6 +113,17 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(client, args, messa
         client.predict(*args, api_name="/generate_image")
     image, _, _ = client.predict(PROMPT, 0, api_name="/generate_image")
     assert _as_array(image).shape == (64, 64, 3)
+
+
+def test_distilled_decoding_from_the_studio(server, client):
+    studio = server[0]
+    if studio.Studio([CKPT]).pipeline(CKPT).student is None:
+        pytest.skip("the shipped checkpoint has no Distilled Decoding student")
+    for choice, passes in (("DD 1 step", 1), ("DD 2 steps", 2)):
+        image, gallery, record = client.predict(PROMPT, 0, CKPT, 2, 2.0, 0.7, 5, 1.0, "constant", choice,
+                                                api_name="/generate_image")
+        assert _as_array(image).shape == (64, 64, 3) and len(gallery) == 2
+        assert record["forward_passes"] == passes and record["sampler"] == f"dd{passes}"
 
 
 def test_compare_runs_two_settings_side_by_side(client):
