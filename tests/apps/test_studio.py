@@ -103,7 +103,7 @@ def test_ten_requests_at_once_all_succeed(server):
     ((PROMPT, 0, CKPT, 10_000), "number of images|maximum"),
     ((PROMPT, 0, CKPT, 1, 1e9), "guidance|maximum"),
     ((PROMPT, 0, CKPT, 1, 3.0, -1.0), "temperature|minimum"),
-    ((PROMPT, 0, "/no/such/checkpoint"), "not one of this studio's checkpoints"),
+    ((PROMPT, 0, "/no/such/checkpoint"), "not one of this studio's checkpoints|not in the list of choices"),
     ((PROMPT, 0, CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "diffusion"), "choices|sampler"),
 ])
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, args, message):
