@@ -20,6 +20,16 @@ from mmgen.model.transformer import ARConfig, MMGenTransformer
 from mmgen.tokenizers.base import CheckpointError, load_part, load_state_strict, save_part
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of a model's weights rounded to fp16 (so fp32 training weights and the fp16 shipped copy
+    agree), to refuse a student distilled from other teacher weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update((v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def codebook_fingerprint(codebook: torch.Tensor) -> str:
     """A short hash of a codebook (rounded to fp16), to refuse a student trained against another tokenizer."""
     return hashlib.sha256(codebook.detach().cpu().half().numpy().tobytes()).hexdigest()[:16]
@@ -31,6 +41,7 @@ class DDConfig:
     code_dim: int = 8
     codebook_fingerprint: str = ""
     teacher_sampling: dict = field(default_factory=dict)  # the options the pairs were made with
+    teacher_fingerprint: str = ""  # weights_fingerprint of the teacher ("" in students saved before it existed)
 
 
 class DDStudent(nn.Module):
@@ -54,7 +65,7 @@ class DDStudent(nn.Module):
             raise CheckpointError(f"codebook of shape {tuple(codebook.shape)} does not match the model's {hi - lo} "
                                   "image ids")
         cfg = DDConfig(asdict(teacher.config), int(codebook.shape[1]), codebook_fingerprint(codebook),
-                       dict(teacher_sampling or {}))
+                       dict(teacher_sampling or {}), weights_fingerprint(teacher))
         student = cls(cfg)
         student.model.load_state_dict(teacher.state_dict())
         with torch.no_grad():  # in_proj(c_k) ~ the teacher's embedding of token k (least squares, with bias)
@@ -71,6 +82,9 @@ class DDStudent(nn.Module):
         if mine != model.vocab.ranges:
             raise CheckpointError(f"the Distilled Decoding student was trained for vocabulary {mine}, the model "
                                   f"has {model.vocab.ranges}")
+        if self.config.teacher_fingerprint and weights_fingerprint(model) != self.config.teacher_fingerprint:
+            raise CheckpointError("the Distilled Decoding student was distilled from other teacher weights; retrain it "
+                                  "with mmgen train dd --teacher <this checkpoint>")
         if codebook.shape[1] != self.config.code_dim or codebook_fingerprint(codebook) != self.config.codebook_fingerprint:
             raise CheckpointError("the Distilled Decoding student was trained against a different tokenizer "
                                   "codebook; retrain it with mmgen train dd --teacher <this checkpoint>")

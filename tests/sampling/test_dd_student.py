@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -48,7 +49,7 @@ def test_dd_runs_exactly_steps_student_passes_per_batch(dd_pipeline, steps):
     size = dd_pipeline.tokenizer.config.image_size
     assert len(out.images) == 3 and out.images[0].size == (size, size)
     again = dd_pipeline([PROMPT], sampler="dd", steps=steps, generator=[torch.Generator().manual_seed(1)])
-    assert list(again.images[0].getdata()) == list(out.images[1].getdata())  # a batch gives what one prompt gives
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(out.images[1]))  # batch == one prompt alone
 
 
 def test_dd_bad_input(dd_pipeline, debug_pipeline):
@@ -66,6 +67,9 @@ def test_student_save_load_and_mismatch_refused(dd_pipeline, text_encoder, tmp_p
     a = dd_pipeline(PROMPT, sampler="dd", generator=[torch.Generator().manual_seed(4)], output_type="pt").images
     b = loaded(PROMPT, sampler="dd", generator=[torch.Generator().manual_seed(4)], output_type="pt").images
     assert torch.allclose(a, b, atol=1e-5)
+    retrained = make_debug_model(dd_pipeline.tokenizer.vocab_size, seed=3)  # same shapes, other weights
+    with pytest.raises(CheckpointError, match="other teacher weights"):
+        TextToImagePipeline(dd_pipeline.tokenizer, retrained, text_encoder, student=dd_pipeline.student)
     other_tok = make_debug_tokenizer(seed=7)  # another codebook
     with pytest.raises(CheckpointError, match="codebook"):
         TextToImagePipeline(other_tok, dd_pipeline.model, text_encoder, student=dd_pipeline.student)
