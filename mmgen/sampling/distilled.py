@@ -29,9 +29,11 @@ function of the tokens before it and of their own noise).
 """
 from __future__ import annotations
 
-import math
+import time
 
 import torch
+
+from mmgen.sampling.ar import SamplingOptions, SamplingRecord, filter_logits, sample_ar
 
 FLOW_STEPS = 48
 
@@ -86,10 +88,6 @@ def teacher_tokens(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None
     """Map noise (b, N, D) (one vector per image token, raster order) to the teacher's tokens (b, N) (unified
     ids) by running it position by position with the flow map; the teacher's guidance, temperature, top-k and
     top-p shape each position's distribution. Returns (ids, record)."""
-    from mmgen.sampling.ar import filter_logits, sample_ar
-
-    from mmgen.sampling.ar import SamplingOptions
-
     options = (options or SamplingOptions()).validate()
     k = model.tokens_per_step
     b, n, dim = noise.shape
@@ -128,10 +126,6 @@ def sample_dd(student, prefix: torch.Tensor, start_ids: torch.Tensor, noise: tor
 
     Two steps: the first pass's tokens at the first ``split`` sequence positions (default: half) become data
     inputs, the remaining positions keep their noise, and the second pass writes every token."""
-    import time
-
-    from mmgen.sampling.ar import SamplingRecord
-
     if steps not in (1, 2):
         raise ValueError(f"Distilled Decoding runs 1 or 2 steps, got {steps}")
     b, n, dim = noise.shape

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from mmgen.model.dd_student import DDStudent
+from mmgen.model.dd_student import DDStudent, codebook_fingerprint, weights_fingerprint
 from mmgen.pipelines.text_to_image import TextToImagePipeline
 from mmgen.sampling.distilled import noise_like, split_mask, teacher_tokens
 from mmgen.tokenizers.base import CheckpointError
@@ -74,15 +74,7 @@ def make_pairs(pipe: TextToImagePipeline, folder: Path, count: int, seed: int = 
 
 def teacher_signature(pipe: TextToImagePipeline) -> dict:
     """What the pairs depend on: the teacher's weights, its codebook and its sampling options."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(pipe.model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().float().numpy().tobytes())
-    from mmgen.model.dd_student import codebook_fingerprint
-
-    return {"model": h.hexdigest()[:16], "codebook": codebook_fingerprint(pipe.tokenizer.code_vectors()),
+    return {"model": weights_fingerprint(pipe.model), "codebook": codebook_fingerprint(pipe.tokenizer.code_vectors()),
             "sampling": pipe.options().__dict__}
 
 
