@@ -35,6 +35,7 @@ MAX_IMAGES = 16
 MAX_SEED = 2**31 - 1
 QUEUE_SIZE = 64
 SAMPLER_CHOICES = {"AR": ("ar", 1), "DD 1 step": ("dd", 1), "DD 2 steps": ("dd", 2)}
+KV_BITS_CHOICES = ("4/2", "4/4", "8/4", "8/2", "16/16")
 
 
 def find_checkpoints(root: Path = REPO / "checkpoints") -> list[str]:
@@ -102,7 +103,7 @@ class Studio:
                 f"{d['guidance_scale']}, temperature {d['temperature']}, top-k {d['top_k']}, top-p {d['top_p']}.")
 
     def generate(self, prompt, seed, checkpoint, num_images, guidance_scale, temperature, top_k, top_p,
-                 cfg_schedule, sampler="AR"):
+                 cfg_schedule, sampler="AR", zipvl_tau=0.0, kv_bits="4/2"):
         """Returns (first image, [(image, caption)], record dict); raises gr.Error with a readable message."""
         try:
             prompt = _check_prompt(prompt)
@@ -117,9 +118,13 @@ class Studio:
                 if sampler not in SAMPLER_CHOICES:
                     raise ValueError(f"sampler must be one of {list(SAMPLER_CHOICES)}, got {sampler!r}")
                 kind, steps = SAMPLER_CHOICES[sampler]
+                tau = _num("ZipVL tau", zipvl_tau or 0.0)
+                zipvl = dict(zipvl_tau=tau, kv_bits=kv_bits or "4/2") if tau > 0 else {}
+                if zipvl and kind != "ar":
+                    raise ValueError("ZipVL works with the AR sampler: set ZipVL tau to 0 for DD")
                 gens = [torch.Generator().manual_seed(seed + k) for k in range(n)]
                 out = pipe(prompt, num_images=n, generator=gens, progress=True, sampler=kind, steps=steps,
-                           **sampling.__dict__)
+                           **sampling.__dict__, **zipvl)
         except (CheckpointError, ValueError, OSError, KeyError) as e:
             raise gr.Error(str(e)) from None
         except Exception as e:  # an unexpected failure: logged in full, reported briefly, server keeps serving
@@ -186,11 +191,17 @@ def build_app(checkpoints: list[str] | None = None, allow_custom: bool = False) 
                            info="AR: one forward pass per token (window); DD: the distilled student, 1 or 2 passes")
         ckpt.change(lambda c: gr.update(choices=studio.samplers(c), value="AR"), ckpt, sampler,
                     api_visibility="private")
-        return ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler
+        with gr.Row():
+            zipvl_tau = gr.Slider(0, 1, value=0, step=0.005, label=f"{prefix}ZipVL tau",
+                                  info="0 = off; e.g. 0.975: prefill with the tokens holding that share of attention")
+            kv_bits = gr.Dropdown(list(KV_BITS_CHOICES), value="4/2", label=f"{prefix}ZipVL KV bits",
+                                  info="important / other tokens")
+        return ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler, zipvl_tau, kv_bits
 
-    def run(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler,
-            progress=gr.Progress(track_tqdm=True)):
-        return studio.generate(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler)
+    def run(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler, zipvl_tau=0.0,
+            kv_bits="4/2", progress=gr.Progress(track_tqdm=True)):
+        return studio.generate(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler,
+                               zipvl_tau, kv_bits)
 
     with gr.Blocks(title="mmgen studio", delete_cache=(3600, 3600)) as app:
         gr.Markdown("# mmgen studio\nOne autoregressive transformer writes image tokens; a tokenizer turns them "
@@ -233,8 +244,9 @@ def build_app(checkpoints: list[str] | None = None, allow_custom: bool = False) 
             c_button = gr.Button("Compare", variant="primary", elem_id="compare")
 
             def compare(prompt, seed, *values, progress=gr.Progress(track_tqdm=True)):
-                _, ga, ra = studio.generate(prompt, seed, *values[:8])
-                _, gb, rb = studio.generate(prompt, seed, *values[8:])
+                half = len(values) // 2
+                _, ga, ra = studio.generate(prompt, seed, *values[:half])
+                _, gb, rb = studio.generate(prompt, seed, *values[half:])
                 return ga, ra, gb, rb
 
             c_button.click(compare, [c_prompt, c_seed, *a, *b], [a_gallery, a_record, b_gallery, b_record],

@@ -29,6 +29,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="ar: token by token (default); dd: the checkpoint's Distilled Decoding student")
     g.add_argument("--steps", type=int, default=1, choices=[1, 2], help="(dd) forward passes: 1 or 2 (default 1)")
     g.add_argument("--negative-prompt", help="what to steer away from (replaces the unconditional branch)")
+    z = p.add_argument_group("ZipVL (AR sampler; either option turns it on)")
+    z.add_argument("--zipvl-tau", type=float, metavar="TAU",
+                   help="share of attention mass the important tokens must hold, in (0, 1] (default 0.975); "
+                        "the prefill attends with those tokens only")
+    z.add_argument("--kv-bits", metavar="HI/LO", help="KV cache bits of important/other tokens, from 2, 4, 8, 16 "
+                                                      "(default 4/2)")
 
 
 def _image_paths(out: str | None, count: int) -> list[Path]:
@@ -78,13 +84,25 @@ def cmd_image(args) -> int:
     paths = _image_paths(args.output, len(jobs))
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt,
-                    sampler=args.sampler, steps=args.steps)
-    total_s, written = 0.0, []
+                    sampler=args.sampler, steps=args.steps, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
+    if args.init_image:
+        from PIL import Image
+
+        try:
+            sampling["image"] = Image.open(args.init_image).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read --init-image {args.init_image}: {e}") from None
+        sampling["keep_rows"] = args.keep_rows
+    elif args.keep_rows is not None:
+        raise ValueError("--keep-rows needs --init-image")
+    total_s, written, zip_records = 0.0, [], []
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start:start + args.batch_size]
         gens = [torch.Generator().manual_seed(s) for _, s in chunk]
         out = pipe([p for p, _ in chunk], generator=gens, progress=not args.quiet, **sampling)
         total_s += out.record["seconds"]
+        if out.record.get("zipvl"):
+            zip_records.append(out.record["zipvl"])
         for img, path in zip(out.images, paths[start:start + len(chunk)]):
             path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path)
@@ -93,6 +111,9 @@ def cmd_image(args) -> int:
         print(w)
     if not args.quiet:
         print(f"seed {seed}, {len(written)} image(s) in {total_s:.1f} s", file=sys.stderr)
+        for z in zip_records:
+            print(f"zipvl: kept ratio per layer {z['kept_ratio_per_layer']}, KV {z['kv_bytes']} bytes "
+                  f"({z['kv_bytes'] / max(1, z['dense_kv_bytes']):.2f} of dense)", file=sys.stderr)
     return 0
 
 
@@ -134,11 +155,13 @@ def cmd_eval(args) -> int:
               "ceiling": shapes_eval.ceiling(n=args.n * 3)["score"],
               "reconstruction": evaluate_reconstruction(pipe.tokenizer, n=args.n, progress=not args.quiet)}
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, cfg_schedule=args.cfg_schedule, sampler=args.sampler, steps=args.steps)
+                    top_p=args.top_p, cfg_schedule=args.cfg_schedule, sampler=args.sampler, steps=args.steps,
+                    zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
     for ps in args.prompt_sets:
         report[ps] = evaluate_text_to_image(pipe, ps, n=args.n, seed=args.seed, progress=not args.quiet, **sampling)
-    report["sampling"] = {**pipe.options(**{k: v for k, v in sampling.items() if k not in ("sampler", "steps")}).__dict__,
-                          "sampler": args.sampler, "steps": args.steps}
+    extra = ("sampler", "steps", "zipvl_tau", "kv_bits")
+    report["sampling"] = {**pipe.options(**{k: v for k, v in sampling.items() if k not in extra}).__dict__,
+                          **{k: sampling[k] for k in extra}}
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -196,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--checkpoint", default=_default_checkpoint(), help="checkpoint folder (default: the shipped shapes one)")
     im.add_argument("--batch-size", type=int, default=16, help="images generated together (default 16)")
     im.add_argument("-q", "--quiet", action="store_true", help="print only the written paths")
+    im.add_argument("--init-image", metavar="PNG", help="continue this image: keep its top token rows, write the rest")
+    im.add_argument("--keep-rows", type=int, help="(--init-image) token rows kept from the top (default: half)")
     _add_sampling_args(im)
     im.set_defaults(func=cmd_image)
 

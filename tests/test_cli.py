@@ -73,3 +73,18 @@ def test_studio_help_and_missing_checkpoint():
     bad = subprocess.run([sys.executable, "-m", "mmgen.cli", "studio", "--checkpoint", "/no/such/dir"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_image_with_zipvl_and_an_image_to_continue(tmp_path, debug_checkpoint):
+    res = mmgen("image", PROMPT, "--checkpoint", debug_checkpoint, "--seed", 1, "-o", tmp_path / "a.png",
+                "--zipvl-tau", 0.9, "--kv-bits", "4/2")
+    assert res.returncode == 0, res.stderr
+    assert "zipvl: kept ratio per layer" in res.stderr and "of dense" in res.stderr
+    res = mmgen("image", PROMPT, "--checkpoint", debug_checkpoint, "--seed", 2, "-o", tmp_path / "b.png",
+                "--init-image", tmp_path / "a.png", "--keep-rows", 1, "-q")
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "b.png").size == (16, 16)
+    res = mmgen("image", PROMPT, "--checkpoint", debug_checkpoint, "--kv-bits", "3/1", "-o", tmp_path / "c.png")
+    assert res.returncode == 2 and "ZipVL" in res.stderr and not (tmp_path / "c.png").exists()
+    res = mmgen("image", PROMPT, "--checkpoint", debug_checkpoint, "--init-image", tmp_path / "missing.png")
+    assert res.returncode == 2 and "--init-image" in res.stderr

@@ -65,12 +65,17 @@ class TokenShuffle(nn.Module):
         return (self.grid[0] // self.s) * (self.grid[1] // self.s)
 
     # ---- order ------------------------------------------------------------------------------------------
-    def to_windows(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, H*W, ...) raster order -> (b, windows, s*s, ...) window order."""
+    def to_windows(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
+        """(b, H*W, ...) raster order -> (b, windows, s*s, ...) window order.
+
+        ``partial``: x may hold only the top rows of the grid (a whole number of window rows)."""
         b, n = x.shape[:2]
         (h, w), s = self.grid, self.s
-        if n != h * w:
-            raise ValueError(f"expected {h * w} tokens for a {h}x{w} grid, got {n}")
+        if partial and n % (s * w) == 0 and 0 < n <= h * w:
+            h = n // w
+        elif n != h * w:
+            raise ValueError(f"expected {h * w} tokens for a {h}x{w} grid"
+                             + (f" or the top rows in multiples of {s * w}" if partial else "") + f", got {n}")
         rest = x.shape[2:]
         x = x.reshape(b, h // s, s, w // s, s, *rest).transpose(2, 3)
         return x.reshape(b, (h // s) * (w // s), s * s, *rest)

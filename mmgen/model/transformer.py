@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from mmgen.model.token_shuffle import TokenShuffle
 from mmgen.model.vocab import Vocabulary
+from mmgen.model.zipvl import ATTENTION_NAME as ZIPVL_ATTENTION, ZipVLCache, ZipVLOptions
 from mmgen.tokenizers.base import CheckpointError, load_part, load_state_strict, save_part
 
 
@@ -165,10 +166,14 @@ class MMGenTransformer(nn.Module):
         return self.lm_head(h[:, prefix.shape[1]:])
 
     # ---- fast inference path ----------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int, dtype=torch.float32) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, zipvl: ZipVLOptions | None = None):
+        """A preallocated ``KVCache`` for the fast path, or with ``zipvl`` options a ``ZipVLCache`` (sparse
+        prefill, mixed-precision cache) that runs through transformers' Llama layers."""
         c = self.config
         if max_len > c.max_positions:
             raise ValueError(f"{max_len} positions exceed max_positions={c.max_positions}")
+        if zipvl is not None:
+            return ZipVLCache(c.num_layers, zipvl)
         shape = (c.num_layers, batch, c.num_kv_heads, max_len, self.head_dim)
         dev = self.lm_head.weight.device
         return KVCache(torch.empty(shape, dtype=dtype, device=dev), torch.empty(shape, dtype=dtype, device=dev))
@@ -209,6 +214,17 @@ class MMGenTransformer(nn.Module):
         last = x.view(b, t, d)[:, -1]
         return self.head(F.rms_norm(last, (d,), self.llama.norm.weight, eps))
 
+    def _run_zipvl(self, x: torch.Tensor, cache: ZipVLCache) -> torch.Tensor:
+        """Run x (b, t, d) through transformers' LlamaModel with ZipVL's attention and cache; logits of the last
+        position. The attention implementation is switched for this call only (training stays on SDPA)."""
+        previous = self.llama.config._attn_implementation
+        self.llama.config._attn_implementation = ZIPVL_ATTENTION
+        try:
+            h = self.llama(inputs_embeds=x, cache=cache, use_cache=True, zipvl_cache=cache).last_hidden_state
+        finally:
+            self.llama.config._attn_implementation = previous
+        return self.head(h[:, -1])
+
     def _prepare_cache(self, cache: KVCache, x: torch.Tensor) -> None:
         """Rotary tables for every cache position and fused projection weights (current weights)."""
         pos = torch.arange(cache.keys.shape[3], device=x.device)[None]
@@ -220,14 +236,24 @@ class MMGenTransformer(nn.Module):
                         torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight])) for l in self.llama.layers]
 
     @torch.no_grad()
-    def prefill(self, prefix: torch.Tensor, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self._run(torch.cat([prefix, self.embed(ids)], dim=1), cache)
+    def prefill(self, prefix: torch.Tensor, ids: torch.Tensor, cache, image_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """prefix (b, p, d) + ids (b, s) (e.g. <boi>) [+ image_ids (b, N): the first N image tokens in raster
+        order, an image to continue; with Token-Shuffle N covers whole rows of windows] -> next logits."""
+        x = torch.cat([prefix, self.embed(ids)], dim=1)
+        if image_ids is not None and image_ids.shape[1]:
+            if self.shuffle is None:
+                x = torch.cat([x, self.embed(image_ids)], 1)
+            else:
+                x = torch.cat([x, self.shuffle.merge(self.embed(self.shuffle.to_windows(image_ids, partial=True)))], 1)
+        return self._run_zipvl(x, cache) if isinstance(cache, ZipVLCache) else self._run(x, cache)
 
     @torch.no_grad()
     def decode_step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """ids (b,) -> logits (b, vocab) for the next position; with Token-Shuffle a window (b, s*s) ->
         logits (b, s*s, vocab) for the next window."""
-        return self._run(self.embed_step(ids), cache)
+        x = self.embed_step(ids)
+        return self._run_zipvl(x, cache) if isinstance(cache, ZipVLCache) else self._run(x, cache)
 
     # ---- save / load ------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from mmgen.model.dd_student import DDStudent
 from mmgen.model.transformer import MMGenTransformer
+from mmgen.model.zipvl import ZipVLOptions
 from mmgen.sampling.ar import SamplingOptions, sample_ar
 from mmgen.sampling.distilled import noise_like, sample_dd
 from mmgen.text.encoder import SentenceEncoder, check_prompts
@@ -123,10 +124,16 @@ class TextToImagePipeline:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  cfg_schedule: str | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
                  negative_prompt: str | None = None, sampler: str = "ar", steps: int = 1,
+                 zipvl_tau: float | None = None, kv_bits: str | None = None, image=None, keep_rows: int | None = None,
                  output_type: str = "pil", return_dict: bool = True, progress: bool = False):
         """Generate ``num_images`` per prompt. ``sampler="dd"`` uses the checkpoint's Distilled Decoding student
         (``steps`` 1 or 2 forward passes per batch; the guidance and sampling options it was distilled with
-        are built in, so the ones given here are not used)."""
+        are built in, so the ones given here are not used).
+
+        ZipVL (AR sampler): ``zipvl_tau`` (e.g. 0.975) runs the prefill with the important tokens only and
+        caches keys/values at ``kv_bits`` ("4/2": important/other tokens); either one turns ZipVL on.
+        ``image`` (one image, or one per prompt) with ``keep_rows``: keep the image's top ``keep_rows`` token
+        rows (default half) and write the rest."""
         prompts = check_prompts(prompt)
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
@@ -149,12 +156,20 @@ class TextToImagePipeline:
             raise ValueError(f"pass one generator per image: got {len(generator)} for {len(expanded)} images")
         if negative_prompt and sampler == "ar" and opts.guidance_scale == 1.0:
             raise ValueError("a negative prompt acts through guidance: set guidance_scale to something other than 1")
+        zipvl = None
+        if zipvl_tau is not None or kv_bits is not None:
+            hi, lo = ZipVLOptions.parse_bits(kv_bits or "4/2")
+            zipvl = ZipVLOptions(tau=0.975 if zipvl_tau is None else float(zipvl_tau), high_bits=hi,
+                                 low_bits=lo).validate()
+        context = None if image is None else self._context_ids(image, keep_rows, len(prompts), num_images)
         if sampler == "dd":
             if negative_prompt:
                 raise ValueError("negative prompts need the AR sampler (the student has guidance built in)")
+            if zipvl is not None or context is not None:
+                raise ValueError("ZipVL and image continuation need the AR sampler")
             ids, record = self._distilled(expanded, generator, steps)
         else:
-            ids, record = self._autoregressive(expanded, generator, opts, negative_prompt, progress)
+            ids, record = self._autoregressive(expanded, generator, opts, negative_prompt, progress, zipvl, context)
         pixels = self.tokenizer.decode(self.model.vocab.to_local(self.modality, ids))
         images = tensor_to_images(pixels) if output_type == "pil" else pixels
         out = ImagePipelineOutput(images, expanded, record.to_dict())
@@ -168,7 +183,23 @@ class TextToImagePipeline:
         boi = torch.full((len(prompts), 1), self.model.vocab.special("<boi>"), dtype=torch.long)
         return sample_dd(self.student, prefix, boi, noise, self.model.vocab.range(self.modality), codebook, steps)
 
-    def _autoregressive(self, expanded: list[str], generator, opts, negative_prompt, progress):
+    def _context_ids(self, image, keep_rows: int | None, n_prompts: int, num_images: int) -> torch.Tensor:
+        """The top ``keep_rows`` token rows of the image(s), unified ids (n_prompts * num_images, rows * W)."""
+        h, w = self.tokenizer.layout.grid
+        s = self.model.config.shuffle_window
+        keep_rows = h // 2 if keep_rows is None else keep_rows
+        if not isinstance(keep_rows, int) or not (0 < keep_rows < h) or keep_rows % s:
+            raise ValueError(f"keep_rows must be a multiple of {s} in [1, {h - 1}], got {keep_rows!r}")
+        if not isinstance(image, (torch.Tensor, list, tuple)):
+            image = [image]
+        codes = self.tokenizer.encode(image)[:, :keep_rows * w]
+        if codes.shape[0] not in (1, n_prompts):
+            raise ValueError(f"give one image, or one per prompt: got {codes.shape[0]} for {n_prompts} prompts")
+        codes = codes.expand(n_prompts, -1)
+        return self.model.vocab.to_unified(self.modality, codes.repeat_interleave(num_images, 0))
+
+    def _autoregressive(self, expanded: list[str], generator, opts, negative_prompt, progress, zipvl=None,
+                        context=None):
         prefix = self.encode_prompts(expanded)
         if negative_prompt:
             null = self.encode_prompts([negative_prompt] * len(expanded))
@@ -176,4 +207,5 @@ class TextToImagePipeline:
             null = self.model.prefix(None, None, batch=len(expanded))
         boi = torch.full((len(expanded), 1), self.model.vocab.special("<boi>"), dtype=torch.long)
         return sample_ar(self.model, prefix, null, boi, self.tokenizer.layout.num_tokens,
-                         self.model.vocab.range(self.modality), opts, generator, progress)
+                         self.model.vocab.range(self.modality), opts, generator, progress, zipvl=zipvl,
+                         context_ids=context)

@@ -54,6 +54,7 @@ class SamplingRecord:
     tokens_per_s: float = 0.0   # tokens written (all images) per second
     kv_cache_bytes: int = 0
     guidance_scale: float = 1.0
+    zipvl: dict | None = None   # ZipVL: tau, kv bits, kept ratio per layer, KV bytes against a dense cache
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,12 +114,15 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, start_ids: torch.Tensor,
               num_tokens: int, token_range: tuple[int, int], options: SamplingOptions | None = None,
               generator: torch.Generator | None = None, progress: bool = False,
-              force_cfg: bool = False, choose=None) -> tuple[torch.Tensor, SamplingRecord]:
+              force_cfg: bool = False, choose=None, zipvl=None, context_ids: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, SamplingRecord]:
     """Write ``num_tokens`` ids in ``token_range`` after prefix (b, p, d) + start_ids (b, s).
 
     With guidance_scale != 1 (or ``force_cfg``) the batch is doubled with the null prefix and logits are
     guided. ``choose(logits (b, k, range), step) -> local ids (b, k)`` replaces the random draw (Distilled
-    Decoding's flow map uses it). Returns unified ids (b, num_tokens) and the record."""
+    Decoding's flow map uses it). ``zipvl`` (``ZipVLOptions``) runs the prefill sparse and the cache in mixed
+    precision. ``context_ids`` (b, c): the first c image tokens (unified ids, raster order) are given, the
+    rest is written (continuing an image). Returns unified ids (b, num_tokens) and the record."""
     opts = (options or SamplingOptions()).validate()
     b = prefix.shape[0]
     if isinstance(generator, (list, tuple)) and len(generator) != b:
@@ -133,22 +137,32 @@ def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, sta
     k = getattr(model, "tokens_per_step", 1)
     if num_tokens % k:
         raise ValueError(f"{num_tokens} tokens do not split into steps of {k}")
-    steps = num_tokens // k
-    cache = model.new_cache(prefix.shape[0], prefix.shape[1] + start_ids.shape[1] + steps)
-    logits = model.prefill(prefix, start_ids, cache)
-    out = torch.empty(b, steps, k, dtype=torch.long, device=prefix.device)
+    total = num_tokens // k
+    given = 0 if context_ids is None else context_ids.shape[1]
+    if context_ids is not None and (context_ids.shape[0] != b or given % k or given >= num_tokens):
+        raise ValueError(f"context_ids must be (batch={b}, c) with c < {num_tokens} a multiple of {k}, "
+                         f"got {tuple(context_ids.shape)}")
+    steps = total - given // k
+    cache = model.new_cache(prefix.shape[0], prefix.shape[1] + start_ids.shape[1] + total, zipvl=zipvl)
+    ctx = None if context_ids is None else (torch.cat([context_ids, context_ids]) if cfg else context_ids)
+    logits = model.prefill(prefix, start_ids, cache, image_ids=ctx)
+    out = torch.empty(b, total, k, dtype=torch.long, device=prefix.device)
+    if given:
+        out[:, :given // k] = (model.shuffle.to_windows(context_ids, partial=True) if k > 1
+                               else context_ids[..., None])
     for i in tqdm(range(steps), disable=not progress, desc="tokens", leave=False):
         step = logits[..., lo:hi].reshape(logits.shape[0], k, hi - lo)
         if cfg:
-            scale = guidance_at(opts.guidance_scale, opts.cfg_schedule, i, steps)
+            scale = guidance_at(opts.guidance_scale, opts.cfg_schedule, total - steps + i, total)
             step = guided(step[:b], step[b:], scale)
         tok = (choose(step, i) if choose is not None else sample_next(step, opts, generator)) + lo  # (b, k)
-        out[:, i] = tok
+        out[:, total - steps + i] = tok
         if i + 1 < steps:
             nxt = tok if k > 1 else tok[:, 0]
             logits = model.decode_step(torch.cat([nxt, nxt]) if cfg else nxt, cache)
     out = model.shuffle.to_raster(out) if k > 1 else out.view(b, num_tokens)
     seconds = time.perf_counter() - t0
-    record = SamplingRecord("ar", b, num_tokens, steps, seconds, b * num_tokens / max(seconds, 1e-9),
-                            cache.nbytes, opts.guidance_scale)
+    record = SamplingRecord("ar", b, num_tokens - given, steps, seconds,
+                            b * (num_tokens - given) / max(seconds, 1e-9), cache.nbytes, opts.guidance_scale,
+                            cache.stats() if hasattr(cache, "stats") else None)
     return out, record

@@ -127,11 +127,23 @@ def test_distilled_decoding_from_the_studio(server, client):
 
 
 def test_compare_runs_two_settings_side_by_side(client):
-    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "AR"]
-    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear", "AR"]
+    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "AR", 0, "4/2"]
+    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear", "AR", 0.95, "4/2"]
     ga, ra, gb, rb = client.predict(PROMPT, 4, *base, *other, api_name="/compare")
     assert len(ga) == 1 and len(gb) == 2
     assert ra["option_guidance_scale"] == 1.5 and rb["option_cfg_schedule"] == "linear"
+    assert ra["zipvl"] is None and rb["zipvl"]["tau"] == 0.95
+
+
+def test_zipvl_from_the_studio_reports_kept_ratio_and_kv_bytes(client):
+    image, _, record = client.predict(PROMPT, 0, CKPT, 1, 2.0, 0.7, 5, 1.0, "constant", "AR", 0.9, "4/2",
+                                      api_name="/generate_image")
+    assert _as_array(image).shape == (64, 64, 3)
+    z = record["zipvl"]
+    assert z["tau"] == 0.9 and z["kv_bits"] == "4/2" and len(z["kept_ratio_per_layer"]) > 0
+    assert 0 < z["kv_bytes"] < z["dense_kv_bytes"]
+    with pytest.raises(Exception, match="ZipVL|3/1"):
+        client.predict(PROMPT, 0, CKPT, 1, 2.0, 0.7, 5, 1.0, "constant", "AR", 0.9, "3/1", api_name="/generate_image")
 
 
 def _chromium() -> tuple[str | None, str | None]:
