@@ -17,7 +17,7 @@ $(VENV)/.mmgen-installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so no resolver later wanders off to another build
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[test,studio]"
+	$(PIP) install -q -e ".[test,studio,bench]"
 	touch $@
 
 setup: $(VENV)/.mmgen-installed
@@ -35,3 +35,4 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/decode.py --quick
+	$(PY) benchmarks/zipvl.py --quick
