@@ -26,6 +26,18 @@ def world_batches(batch_size: int, seed: int, size: int = 64, paraphrase: bool =
         yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk]
 
 
+def text_world_batches(batch_size: int, seed: int, size: int = 256, paraphrase: bool = True,
+                       rank: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Endless (images, captions) from the text world (long-text images) at a canvas of ``size``."""
+    from mmgen.worlds import text
+
+    stream = text.generate(None, seed=seed * 1000 + rank, canvas=size, paraphrase=paraphrase)
+    while True:
+        chunk = list(itertools.islice(stream, batch_size))
+        arr = np.stack([np.asarray(s.image) for s in chunk])
+        yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk]
+
+
 def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank: int = 0,
                    world_size: int = 1) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Endless shuffled batches from a user's image folder with captions in metadata.jsonl (``text`` column)."""

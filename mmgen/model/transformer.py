@@ -38,6 +38,7 @@ class ARConfig:
     vocab: dict = field(default_factory=dict)  # Vocabulary.to_dict()
     shuffle_window: int = 1       # Token-Shuffle window s (1: one position per token, the plain model)
     shuffle_grid: tuple = (0, 0)  # the image token grid (H, W) the windows tile; set from the tokenizer
+    text_bytes: int = 0           # quoted prompt text as byte tokens, a slot of this many bytes (0: off)
 
 
 AR_CONFIGS = {

@@ -21,6 +21,7 @@ from mmgen.model.zipvl import ZipVLOptions
 from mmgen.sampling.ar import SamplingOptions, sample_ar
 from mmgen.sampling.distilled import noise_like, sample_dd
 from mmgen.text.encoder import SentenceEncoder, check_prompts
+from mmgen.text.quoted import split_prompts
 from mmgen.tokenizers.base import CheckpointError, atomic_write_bytes
 from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
 
@@ -77,7 +78,8 @@ class TextToImagePipeline:
         if k > 1 and tuple(model.config.shuffle_grid) != tuple(tokenizer.layout.grid):
             raise CheckpointError(f"the model's Token-Shuffle grid {tuple(model.config.shuffle_grid)} does not match "
                                   f"the tokenizer's token grid {tuple(tokenizer.layout.grid)}")
-        need = model.config.max_cond_tokens + 1 + tokenizer.layout.num_tokens // k
+        text_slot = model.config.text_bytes + 2 if model.config.text_bytes else 0
+        need = model.config.max_cond_tokens + text_slot + 1 + tokenizer.layout.num_tokens // k
         if need > model.config.max_positions:
             raise CheckpointError(f"the model holds {model.config.max_positions} positions; this tokenizer needs {need}")
         self.tokenizer, self.model = tokenizer.eval(), model.eval()
@@ -167,6 +169,8 @@ class TextToImagePipeline:
                 raise ValueError("negative prompts need the AR sampler (the student has guidance built in)")
             if zipvl is not None or context is not None:
                 raise ValueError("ZipVL and image continuation need the AR sampler")
+            if self.model.config.text_bytes:
+                raise ValueError("Distilled Decoding does not take quoted text yet: use the AR sampler")
             ids, record = self._distilled(expanded, generator, steps)
         else:
             ids, record = self._autoregressive(expanded, generator, opts, negative_prompt, progress, zipvl, context)
@@ -200,12 +204,23 @@ class TextToImagePipeline:
 
     def _autoregressive(self, expanded: list[str], generator, opts, negative_prompt, progress, zipvl=None,
                         context=None):
+        b = len(expanded)
+        boi = torch.full((b, 1), self.model.vocab.special("<boi>"), dtype=torch.long)
+        length = self.model.config.text_bytes
+        if length:  # quoted text -> byte tokens; the sentence encoder reads the rest
+            expanded, slot, empty = split_prompts(expanded, self.model.vocab, length)
+            start, null_start = torch.cat([slot, boi], 1), torch.cat([empty, boi], 1)
+        else:
+            start = null_start = boi
         prefix = self.encode_prompts(expanded)
         if negative_prompt:
-            null = self.encode_prompts([negative_prompt] * len(expanded))
+            negatives = [negative_prompt] * b
+            if length:
+                negatives, neg_slot, _ = split_prompts(negatives, self.model.vocab, length)
+                null_start = torch.cat([neg_slot, boi], 1)
+            null = self.encode_prompts(negatives)
         else:
-            null = self.model.prefix(None, None, batch=len(expanded))
-        boi = torch.full((len(expanded), 1), self.model.vocab.special("<boi>"), dtype=torch.long)
-        return sample_ar(self.model, prefix, null, boi, self.tokenizer.layout.num_tokens,
+            null = self.model.prefix(None, None, batch=b)
+        return sample_ar(self.model, prefix, null, start, self.tokenizer.layout.num_tokens,
                          self.model.vocab.range(self.modality), opts, generator, progress, zipvl=zipvl,
-                         context_ids=context)
+                         context_ids=context, null_start_ids=null_start)

@@ -114,15 +114,16 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, start_ids: torch.Tensor,
               num_tokens: int, token_range: tuple[int, int], options: SamplingOptions | None = None,
               generator: torch.Generator | None = None, progress: bool = False,
-              force_cfg: bool = False, choose=None, zipvl=None, context_ids: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, SamplingRecord]:
+              force_cfg: bool = False, choose=None, zipvl=None, context_ids: torch.Tensor | None = None,
+              null_start_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, SamplingRecord]:
     """Write ``num_tokens`` ids in ``token_range`` after prefix (b, p, d) + start_ids (b, s).
 
     With guidance_scale != 1 (or ``force_cfg``) the batch is doubled with the null prefix and logits are
     guided. ``choose(logits (b, k, range), step) -> local ids (b, k)`` replaces the random draw (Distilled
     Decoding's flow map uses it). ``zipvl`` (``ZipVLOptions``) runs the prefill sparse and the cache in mixed
     precision. ``context_ids`` (b, c): the first c image tokens (unified ids, raster order) are given, the
-    rest is written (continuing an image). Returns unified ids (b, num_tokens) and the record."""
+    rest is written (continuing an image). ``null_start_ids``: the unconditional branch's start ids when they
+    differ (an empty quoted-text slot); default ``start_ids``. Returns unified ids (b, num_tokens) and the record."""
     opts = (options or SamplingOptions()).validate()
     b = prefix.shape[0]
     if isinstance(generator, (list, tuple)) and len(generator) != b:
@@ -132,7 +133,10 @@ def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, sta
         raise ValueError("guidance needs the unconditional prefix")
     t0 = time.perf_counter()
     if cfg:
-        prefix, start_ids = torch.cat([prefix, null_prefix]), torch.cat([start_ids, start_ids])
+        null_start = start_ids if null_start_ids is None else null_start_ids
+        if null_start.shape != start_ids.shape:
+            raise ValueError(f"null_start_ids {tuple(null_start.shape)} must match start_ids {tuple(start_ids.shape)}")
+        prefix, start_ids = torch.cat([prefix, null_prefix]), torch.cat([start_ids, null_start])
     lo, hi = token_range
     k = getattr(model, "tokens_per_step", 1)
     if num_tokens % k:

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmgen.data.shapes_data import folder_batches, world_batches
+from mmgen.data.shapes_data import folder_batches, text_world_batches, world_batches
 from mmgen.model.transformer import AR_CONFIGS, ARConfig, MMGenTransformer
 from mmgen.model.vocab import Vocabulary
 from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
 from mmgen.text.encoder import SentenceEncoder
+from mmgen.text.quoted import split_prompts
 from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state
 from mmgen.worlds import shapes
 
@@ -76,11 +77,20 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     wrapped, opt = acc.prepare(model, opt)
     batch = int(tr.get("batch_size", 16))
     held = [tuple(c) for c in tr.get("exclude_combos", shapes.HELD_OUT_COMBOS)]
-    batches = (folder_batches(data, batch, seed + step, tokenizer.config.image_size, acc.process_index,
-                              acc.num_processes) if data
-               else world_batches(batch, seed + step, tokenizer.config.image_size, paraphrase=True,
-                                  exclude_combos=held, rank=acc.process_index))
+    world = tr.get("world", "shapes")
+    if data:
+        batches = folder_batches(data, batch, seed + step, tokenizer.config.image_size, acc.process_index,
+                                 acc.num_processes)
+    elif world == "shapes":
+        batches = world_batches(batch, seed + step, tokenizer.config.image_size, paraphrase=True,
+                                exclude_combos=held, rank=acc.process_index)
+    elif world == "text":
+        batches = text_world_batches(batch, seed + step, tokenizer.config.image_size, paraphrase=True,
+                                     rank=acc.process_index)
+    else:
+        raise ValueError(f"unknown training world {world!r}: shapes or text")
     vocab = model.vocab
+    text_bytes = model.config.text_bytes
     boi, eoi = vocab.special("<boi>"), vocab.special("<eoi>")
     drop_p = float(tr.get("cond_dropout", 0.1))
     shuffled = model.tokens_per_step > 1
@@ -103,21 +113,27 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
 
     while step < steps:
         images, captions = next(batches)
+        drop = (torch.rand(len(captions), generator=gen) < drop_p).to(acc.device)
+        start = torch.full((len(captions), 1), boi)
+        if text_bytes:  # quoted text as bytes (dropped with the condition), the encoder reads the rest
+            captions, slot, empty = split_prompts(captions, vocab, text_bytes)
+            start = torch.cat([torch.where(drop.cpu()[:, None], empty, slot), start], 1)
         with torch.no_grad():
             codes = tokenizer.encode(images.to(acc.device))
-            ids = torch.cat([torch.full((len(captions), 1), boi), vocab.to_unified("image", codes.cpu()),
+            ids = torch.cat([start, vocab.to_unified("image", codes.cpu()),
                              torch.full((len(captions), 1), eoi)], 1).to(acc.device)
             cond = text(captions)
-        drop = (torch.rand(len(captions), generator=gen) < drop_p).to(acc.device)
+        n_start = start.shape[1]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup)
         unwrapped = acc.unwrap_model(wrapped)
         prefix = unwrapped.prefix(cond.states, cond.mask, drop=drop)
         if shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>
-            logits = wrapped(prefix, ids[:, :1], image_ids=ids[:, 1:-1])
-            target = ids[:, 1:-1]
-        else:
-            logits, target = wrapped(prefix, ids[:, :-1]), ids[:, 1:]
+            logits = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1])
+            target = ids[:, n_start:-1]
+        else:  # loss on the image tokens and <eoi> only: the start ids (bytes, <boi>) are given
+            logits, target = wrapped(prefix, ids[:, :-1]), ids[:, 1:].clone()
+            target[:, :n_start - 1] = -100
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
