@@ -23,9 +23,10 @@ from mmgen.sampling.distilled import noise_like, sample_dd
 from mmgen.text.encoder import SentenceEncoder, check_prompts
 from mmgen.text.quoted import split_prompts
 from mmgen.tokenizers.base import CheckpointError, atomic_write_bytes
+from mmgen.tokenizers.binary_text import BinaryTextTokenizer
 from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
 
-TOKENIZERS = {"vq_image": VQImageTokenizer}
+TOKENIZERS = {"vq_image": VQImageTokenizer, "binary_text": BinaryTextTokenizer}
 MAX_IMAGES_PER_CALL = 64
 SAMPLERS = ("ar", "dd")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"

@@ -81,3 +81,56 @@ class VectorQuantizer(nn.Module):
         noise = 0.05 * torch.randn(dead.numel(), self.dim, generator=generator, device=flat.device)
         self.embedding.weight.data[dead] = F.normalize(flat[pick], dim=-1) + noise
         return int(dead.numel())
+
+
+class BinaryQuantizer(nn.Module):
+    """Lookup-free quantisation (LFQ, MAGVIT-v2): each of B latent channels becomes one bit by its sign, with a
+    straight-through gradient; there is no codebook. The token id is the bit pattern read as an integer
+    (channel i is bit i), so the vocabulary is 2^B.
+
+    Loss: commitment (latents pulled to their +-1 code) and LFQ's entropy term, per-sample entropy down (each
+    latent decides) and batch entropy up (codes used evenly). With codes at +-1 the code distribution
+    softmax(-||z - c||^2 / T) factorises over bits (p(bit i = 1) = sigmoid(4 z_i / T)), so the per-sample entropy
+    is exact as a sum of bit entropies; the batch term uses the bits' mean probabilities, i.e. the entropy of
+    the product of bit marginals, an upper bound of the code entropy that LFQ's full 2^B sum would give."""
+
+    def __init__(self, bits: int = 13, commit_weight: float = 0.25, entropy_weight: float = 0.1,
+                 diversity_gamma: float = 1.0, temperature: float = 1.0):
+        super().__init__()
+        if not 1 <= bits <= 24:
+            raise ValueError(f"bits must lie in [1, 24], got {bits}")
+        self.bits, self.commit_weight, self.entropy_weight = bits, commit_weight, entropy_weight
+        self.diversity_gamma, self.temperature = diversity_gamma, temperature
+        self.register_buffer("powers", 2 ** torch.arange(bits), persistent=False)
+
+    @staticmethod
+    def _bit_entropy(p: torch.Tensor) -> torch.Tensor:
+        p = p.clamp(1e-6, 1 - 1e-6)
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """z (b, B, h, w) -> +-1 codes (straight-through), ids (b, h, w) in [0, 2^B), loss, perplexity."""
+        q = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
+        ids = ((q > 0).long() * self.powers.view(1, -1, 1, 1)).sum(1)
+        commit = F.mse_loss(z, q.detach())
+        p = torch.sigmoid(4 * z / self.temperature)                           # (b, B, h, w): p(bit = 1)
+        sample_h = self._bit_entropy(p).sum(1).mean()
+        batch_h = self._bit_entropy(p.mean(dim=(0, 2, 3))).sum()
+        loss = self.commit_weight * commit + self.entropy_weight * (sample_h - self.diversity_gamma * batch_h)
+        with torch.no_grad():
+            counts = torch.bincount(ids.flatten(), minlength=2 ** self.bits).float()
+            probs = counts / counts.sum()
+            perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+        return QuantizerOutput(z + (q - z).detach(), ids, loss, perplexity)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(b, h, w) ids -> (b, B, h, w) +-1 codes."""
+        if ids.min() < 0 or ids.max() >= 2 ** self.bits:
+            raise ValueError(f"token ids must lie in [0, {2 ** self.bits}), got [{int(ids.min())}, {int(ids.max())}]")
+        bits = (ids[:, None] // self.powers.view(1, -1, 1, 1)) % 2
+        return bits.float() * 2 - 1
+
+    def codebook(self) -> torch.Tensor:
+        """Every code as a +-1 vector: (2^B, B)."""
+        ids = torch.arange(2 ** self.bits, device=self.powers.device)
+        return ((ids[:, None] // self.powers) % 2).float() * 2 - 1

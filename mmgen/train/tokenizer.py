@@ -11,8 +11,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmgen.data.shapes_data import folder_batches, world_batches
+from mmgen.data.shapes_data import folder_batches, text_world_batches, world_batches
+from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer
 from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer
+
+TOKENIZER_TYPES = {"vq_image": (VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer),
+                   "binary_text": (BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer)}
 from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state
 
 log = logging.getLogger(__name__)
@@ -38,14 +42,18 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, edge_weight: 
     return (w * (err.abs() + err.pow(2))).sum() / (w.sum() * 3)
 
 
-def build_tokenizer(recipe: dict) -> VQImageTokenizer:
+def build_tokenizer(recipe: dict):
+    kind = recipe.get("type", "vq_image")
+    if kind not in TOKENIZER_TYPES:
+        raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZER_TYPES)}")
+    configs, config_cls, tokenizer_cls = TOKENIZER_TYPES[kind]
     arch = dict(recipe.get("architecture", {}))
-    base = VQ_IMAGE_CONFIGS[arch.pop("size", "base")]
+    base = configs[arch.pop("size", "base")]
     try:
-        cfg = VQImageConfig(**{**asdict(base), **arch, **recipe.get("codebook", {})})
+        cfg = config_cls(**{**asdict(base), **arch, **recipe.get("codebook", {})})
     except TypeError as e:
         raise ValueError(f"recipe has an unknown tokenizer setting: {e}") from e
-    return VQImageTokenizer(cfg)
+    return tokenizer_cls(cfg)
 
 
 def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
@@ -75,13 +83,21 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     size = tok.config.image_size
     batch = int(tr.get("batch_size", 16))
     data_seed = seed + step  # a resumed run continues on fresh samples
-    batches = (folder_batches(data, batch, data_seed, size, acc.process_index, acc.num_processes) if data
-               else world_batches(batch, data_seed, size, paraphrase=False, exclude_combos=(), rank=acc.process_index))
+    world = recipe.get("data", {}).get("world", "shapes")
+    if data:
+        batches = folder_batches(data, batch, data_seed, size, acc.process_index, acc.num_processes)
+    elif world == "shapes":
+        batches = world_batches(batch, data_seed, size, paraphrase=False, exclude_combos=(), rank=acc.process_index)
+    elif world == "text":
+        batches = text_world_batches(batch, data_seed, size, paraphrase=False, rank=acc.process_index)
+    else:
+        raise ValueError(f"unknown data world {world!r}: shapes or text")
     metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
     minutes0 = float(extra.get("minutes", 0.0))
     edge_w = float(tr.get("edge_weight", 4.0))
     restart_every = int(tr.get("restart_every", 20))
-    warm = int(tr.get("unquantized_warmup", 300))
+    has_codebook = hasattr(tok.quantizer, "restart_dead_codes")  # the VQ; the binary quantiser has none
+    warm = int(tr.get("unquantized_warmup", 300 if has_codebook else 0))
     log_every = int(tr.get("log_every", 25))
     bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc="tokenizer")
     gen = torch.Generator().manual_seed(seed + 1 + acc.process_index)
@@ -92,7 +108,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)))
         quantize = step >= warm
-        if step == warm:  # empty usage window: the restart below seeds every code from current latents
+        if step == warm and has_codebook:  # empty usage window: the restart below seeds every code from current latents
             unwrapped.quantizer.window_hits.zero_()
         recon, q, z = model(x, quantize=quantize)
         rec = reconstruction_loss(recon, x, edge_w)
@@ -102,7 +118,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step == warm + 1 or (step > warm and step % restart_every == 0):
+        if has_codebook and (step == warm + 1 or (step > warm and step % restart_every == 0)):
             restarted = unwrapped.quantizer.restart_dead_codes(z.detach(), gen)
             if acc.num_processes > 1:  # every process must keep the same codebook: take rank 0's
                 torch.distributed.broadcast(unwrapped.quantizer.embedding.weight.data, src=0)

@@ -1,0 +1,136 @@
+"""Binary text tokenizer: convolutional encoder -> small transformer projector -> bitwise binary quantiser
+(lookup-free: no codebook, B bits per token, the id is the bit pattern as an integer) -> deconvolutional
+decoder. Built for the text world (long-text images), where glyph strokes are thin and a patch VQ with a
+small codebook smears them.
+
+The projector (a pre-norm transformer encoder over the token grid with learnt 2-D positions) lets each
+token's bits depend on its neighbours, which is what the binary text tokenizers of the long-text papers
+use to spend their bits on strokes rather than background. How mmgen's differs: no GAN or perceptual loss
+(not trainable offline at this size), the same edge-weighted L1 + L2 reconstruction loss as the patch VQ,
+and the LFQ entropy term factorised over bits (see ``BinaryQuantizer``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .base import CheckpointError, TokenLayout, Tokenizer, load_part, load_state_strict, save_part
+from .quantizers import BinaryQuantizer
+from .vq_image import Decoder, Encoder, VQImageConfig, images_to_tensor, tensor_to_images
+
+
+@dataclass
+class BinaryTextConfig:
+    image_size: int = 256
+    downsample: int = 8          # 2 ** strided stages: 256 -> 32x32 = 1024 tokens
+    channels: int = 32
+    latent_channels: int = 96
+    res_blocks: int = 2
+    bits: int = 13               # B bits per token; vocabulary 2^B
+    projector_layers: int = 2
+    projector_heads: int = 4
+    commit_weight: float = 0.25
+    entropy_weight: float = 0.05
+    diversity_gamma: float = 1.0
+
+
+BINARY_TEXT_CONFIGS = {
+    "debug": BinaryTextConfig(image_size=64, downsample=8, channels=8, latent_channels=16, res_blocks=1, bits=6,
+                              projector_layers=1, projector_heads=2),
+    "base": BinaryTextConfig(),
+}
+
+
+class BinaryTextTokenizer(Tokenizer):
+    def __init__(self, config: BinaryTextConfig):
+        super().__init__()
+        if config.downsample not in (2, 4, 8, 16):
+            raise ValueError(f"downsample must be 2, 4, 8 or 16, got {config.downsample}")
+        if config.image_size % config.downsample:
+            raise ValueError("image_size must be a multiple of downsample")
+        if config.latent_channels % config.projector_heads:
+            raise ValueError("latent_channels must be a multiple of projector_heads")
+        self.config = config
+        conv = dict(image_size=config.image_size, downsample=config.downsample, channels=config.channels,
+                    latent_channels=config.latent_channels, res_blocks=config.res_blocks)
+        self.encoder = Encoder(VQImageConfig(**conv, code_dim=config.latent_channels))
+        g = config.image_size // config.downsample
+        d = config.latent_channels
+        self.pos = nn.Parameter(torch.randn(g * g, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, config.projector_heads, 2 * d, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.projector = nn.TransformerEncoder(layer, config.projector_layers, enable_nested_tensor=False)
+        self.to_bits = nn.Linear(d, config.bits)
+        self.quantizer = BinaryQuantizer(config.bits, config.commit_weight, config.entropy_weight,
+                                         config.diversity_gamma)
+        self.decoder = Decoder(VQImageConfig(**conv, code_dim=config.bits))
+        self.layout = TokenLayout("grid2d", (g, g))
+        self.vocab_size = 2 ** config.bits
+
+    def _check(self, x: torch.Tensor) -> None:
+        s = self.config.image_size
+        if x.shape[-2:] != (s, s):
+            raise ValueError(f"this tokenizer takes {s}x{s} images, got {x.shape[-1]}x{x.shape[-2]}")
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """x (b, 3, H, W) in [0, 1] -> continuous bit latents (b, B, h, w)."""
+        f = self.encoder(x * 2 - 1)
+        h, w = f.shape[-2:]
+        t = self.projector(rearrange(f, "b d h w -> b (h w) d") + self.pos)
+        return rearrange(self.to_bits(t), "b (h w) c -> b c h w", h=h, w=w)
+
+    def forward(self, x: torch.Tensor, quantize: bool = True):
+        """x -> (reconstruction in [0, 1] space, quantiser output, latents). ``quantize=False`` decodes the
+        tanh of the latents (the trainer's optional unquantised warm-up)."""
+        z = self.latents(x)
+        q = self.quantizer(z)
+        dec_in = q.quantized if quantize else torch.tanh(z)
+        return (self.decoder(dec_in) + 1) / 2, q, z
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """Images -> (b, h * w) ids in [0, 2^B), row-major."""
+        x = images_to_tensor(images).to(self.device)
+        self._check(x)
+        return rearrange(self.quantizer(self.latents(x)).ids, "b h w -> b (h w)")
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """(b, n) or (b, h, w) ids -> images (b, 3, H, W) in [0, 1]."""
+        h, w = self.layout.grid
+        if ids.dim() == 2:
+            if ids.shape[1] != h * w:
+                raise ValueError(f"expected {h * w} ids per image, got {ids.shape[1]}")
+            ids = rearrange(ids, "b (h w) -> b h w", h=h, w=w)
+        return ((self.decoder(self.quantizer.embed(ids.to(self.device))) + 1) / 2).clamp(0, 1)
+
+    def code_vectors(self) -> torch.Tensor:
+        """Every token's +-1 bit vector (2^B, B): what Distilled Decoding's flow map moves noise to."""
+        return self.quantizer.codebook()
+
+    def decode_images(self, ids: torch.Tensor):
+        return tensor_to_images(self.decode(ids))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        cfg = {"type": "binary_text", "layout": self.layout.to_dict(), **asdict(self.config)}
+        save_part(directory, cfg, self.state_dict(), dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "BinaryTextTokenizer":
+        cfg, state = load_part(directory, expected_type="binary_text")
+        fields = {k: cfg[k] for k in BinaryTextConfig.__dataclass_fields__ if k in cfg}
+        try:
+            tok = cls(BinaryTextConfig(**fields))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory}/config.json describes no valid tokenizer: {e}") from e
+        load_state_strict(tok, state, str(Path(directory)))
+        return tok.eval()
