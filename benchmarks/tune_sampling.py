@@ -35,11 +35,14 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--n", type=int, default=16, help="prompts per object count (default 16)")
+    ap.add_argument("--grid", help='JSON list of option sets instead of the built-in grid, e.g. '
+                                   '\'[{"guidance_scale": 1.5, "top_k": 1}]\'')
     args = ap.parse_args(argv)
+    grid = json.loads(args.grid) if args.grid else GRID
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint)
     scenes = shapes_run.eval_scenes("canonical", args.n, seed=TUNING_SEED)
     rows = []
-    for kw in GRID:
+    for kw in grid:
         options = {"temperature": 1.0, "top_p": 1.0, "cfg_schedule": "constant", **kw}
         images = []
         for i in range(0, len(scenes), 32):

@@ -145,11 +145,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval_text(args) -> int:
+    from mmgen.eval import text_eval
+    from mmgen.eval.text_run import evaluate_reconstruction, evaluate_text_to_image
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+
+    if not text_eval.have_tesseract():
+        raise ValueError("text-eval needs the tesseract binary (Debian: tesseract-ocr tesseract-ocr-eng; make setup)")
+    checkpoint = args.checkpoint or "checkpoints/text"
+    pipe = TextToImagePipeline.from_pretrained(checkpoint)
+    canvas = pipe.tokenizer.config.image_size
+    report = {"checkpoint": checkpoint, "canvas": canvas,
+              "ceiling": text_eval.ceiling(n=args.n * 2, canvas=canvas),
+              "reconstruction": evaluate_reconstruction(pipe.tokenizer, n=args.n, progress=not args.quiet)}
+    sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, cfg_schedule=args.cfg_schedule, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
+    report["text_to_image"] = evaluate_text_to_image(pipe, n=args.n, seed=args.seed, progress=not args.quiet,
+                                                     **sampling)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def cmd_eval(args) -> int:
+    if args.what == "text":
+        return cmd_eval_text(args)
     from mmgen.eval import shapes_eval
     from mmgen.eval.shapes_run import evaluate_reconstruction, evaluate_text_to_image
     from mmgen.pipelines.text_to_image import TextToImagePipeline
 
+    args.checkpoint = args.checkpoint or _default_checkpoint()
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint)
     report = {"checkpoint": args.checkpoint,
               "ceiling": shapes_eval.ceiling(n=args.n * 3)["score"],
@@ -244,9 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint")
-    ev.add_argument("what", choices=("shapes",), help="shapes: shapes-eval (reconstruction + text-to-image)")
-    ev.add_argument("--checkpoint", default=_default_checkpoint())
-    ev.add_argument("--n", type=int, default=50, help="prompts per object count and prompt set (default 50)")
+    ev.add_argument("what", choices=("shapes", "text"),
+                    help="shapes: shapes-eval; text: text-eval (OCR CER short/long, colour, alignment, OCR ceiling); "
+                         "each on reconstructions and text-to-image")
+    ev.add_argument("--checkpoint", help="checkpoint folder (default: checkpoints/shapes, or checkpoints/text)")
+    ev.add_argument("--n", type=int, default=50, help="shapes: prompts per object count and prompt set; text: short "
+                    "and long scenes each (default 50)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--prompt-sets", nargs="+", default=["canonical", "paraphrase_held_out"],
                     choices=["canonical", "paraphrase_held_out"])

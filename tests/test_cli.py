@@ -88,3 +88,35 @@ def test_image_with_zipvl_and_an_image_to_continue(tmp_path, debug_checkpoint):
     assert res.returncode == 2 and "ZipVL" in res.stderr and not (tmp_path / "c.png").exists()
     res = mmgen("image", PROMPT, "--checkpoint", debug_checkpoint, "--init-image", tmp_path / "missing.png")
     assert res.returncode == 2 and "--init-image" in res.stderr
+
+
+def test_eval_text_reports_cer_against_the_ocr_ceiling(tmp_path, text_encoder):
+    import json
+
+    import pytest
+    import torch
+
+    from mmgen.eval import text_eval
+    from mmgen.model.transformer import MMGenTransformer
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+    from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextTokenizer
+    from tests.conftest import make_debug_model
+
+    if not text_eval.have_tesseract():
+        pytest.skip("tesseract not installed (make setup installs it)")
+    torch.manual_seed(0)
+    tok = BinaryTextTokenizer(BINARY_TEXT_CONFIGS["debug"]).eval()
+    base = make_debug_model(tok.vocab_size)
+    model = MMGenTransformer(type(base.config)(**{**base.config.__dict__, "text_bytes": 256, "max_positions": 512}))
+    TextToImagePipeline(tok, model.eval(), text_encoder).save_pretrained(tmp_path / "text", dtype=None)
+    report = tmp_path / "r.json"
+    res = mmgen("eval", "text", "--checkpoint", tmp_path / "text", "--n", 1, "--json", report, "-q", timeout=300)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(report.read_text())
+    assert r["canvas"] == 64 and r["reconstruction"]["tokens"] == 64 and r["reconstruction"]["bits_per_pixel"] == 64 * 6 / 64 ** 2
+    for part in ("ceiling", "reconstruction", "text_to_image"):
+        assert r[part]["short"]["n"] == 1 and r[part]["long"]["n"] == 1 and r[part]["all"]["cer"] >= 0
+    # an untrained model writes no readable text; the world's own renders read far better
+    assert r["text_to_image"]["all"]["cer"] > r["ceiling"]["all"]["cer"]
+    res = mmgen("eval", "text", "--checkpoint", tmp_path / "missing")
+    assert res.returncode == 2 and "does not exist" in res.stderr

@@ -172,22 +172,27 @@ def _paraphrase(rng: random.Random, text, font_name, size, color, background, al
 def _random_text(rng: random.Random, target_lines: int, font_name: str, size: str, canvas: int) -> str:
     vocab = words()
     out: list[str] = []
+    text = ""
     while True:
         w = rng.choice(vocab)
         if rng.random() < 0.15:
             w = w.capitalize()
         if rng.random() < 0.06:
             w += rng.choice(".,!?")
-        trial = out + [w]
+        trial = " ".join(out + [w])
+        trial = trial[0].upper() + trial[1:]  # capitalised before wrapping: a wider first word can add a line
         try:
-            n = len(wrap(" ".join(trial), font_name, size, canvas))
+            n = len(wrap(trial, font_name, size, canvas))
         except ValueError:
             break
         if n > target_lines:
             break
-        out = trial
-    text = " ".join(out) or rng.choice(vocab)
-    return text[0].upper() + text[1:]
+        out.append(w)
+        text = trial
+    if not text:
+        w = rng.choice(vocab)
+        text = w[0].upper() + w[1:]
+    return text
 
 
 def generate(n: int | None = None, seed: int = 0, canvas: int = 256, paraphrase: bool = False,

@@ -60,3 +60,10 @@ def test_bad_text_is_refused_clearly():
 def test_paraphrased_captions_keep_the_text():
     for s in tw.generate(10, seed=5, paraphrase=True):
         assert f'"{s.text}"' in s.caption
+
+
+def test_long_streams_never_overflow_the_canvas():
+    # regression: capitalising the first word after wrapping once made a text one line too long (seed 5)
+    for canvas in (128, 256):
+        for s in tw.generate(600, seed=5, canvas=canvas, paraphrase=True):
+            assert len(s.lines) <= tw.geometry(canvas, s.size)[2]
