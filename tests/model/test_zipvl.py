@@ -72,20 +72,19 @@ def test_sparse_attention_is_causal_among_kept_tokens():
     q, k, v = (torch.randn(b, x, n, hd, generator=g) for x in (h, kvh, kvh))
     keep = torch.rand(b, n, generator=g) < 0.6
     keep[:, -1] = True
-    out = sparse_causal_attention(q, k, v, keep, hd ** -0.5)
-    # reference: every query attends to kept keys at or before it; dropped queries get nothing
+    out = sparse_causal_attention(q, k, v, keep, hd ** -0.5, chunk=16)  # chunks of 16: three, the last short
+    # reference: every query attends to the kept keys at or before it (none visible: zeros)
     kk, vv = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)
     causal = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
     mask = causal[None] & keep[:, None, :]                                  # (b, n, n)
     scores = (q @ kk.transpose(-1, -2)) * hd ** -0.5
     ref = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1).nan_to_num() @ vv
-    ref = ref * keep[:, None, :, None]
     assert torch.allclose(out, ref, atol=1e-5)
     # changing what comes later never changes an earlier output
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 30:] += 5.0
     v2[:, :, 30:] -= 3.0
-    out2 = sparse_causal_attention(q, k2, v2, keep, hd ** -0.5)
+    out2 = sparse_causal_attention(q, k2, v2, keep, hd ** -0.5, chunk=16)
     assert torch.allclose(out[:, :, :30], out2[:, :, :30], atol=1e-6)
     assert not torch.allclose(out[:, :, 30:], out2[:, :, 30:])
 
@@ -97,6 +96,7 @@ def test_received_mass_counts_only_visible_probes():
     assert probes.tolist() == sorted(set(probes.tolist())) and probes[-1] == 49 and len(probes) == 6
     mass = received_mass(q, k, probes, 8 ** -0.5)
     assert mass.shape == (1, 50) and (mass >= 0).all()
+    assert torch.allclose(received_mass(q, k, probes, 8 ** -0.5, chunk=2), mass, atol=1e-6)  # chunking changes nothing
     # a probe's probabilities sum to one over the keys it sees: the unnormalised total is probes x heads
     counts = (torch.arange(50)[None] <= probes[:, None]).sum(0)
     assert torch.isclose((mass * counts * 2).sum(), torch.tensor(float(len(probes) * 2)), atol=1e-4)
