@@ -32,8 +32,10 @@ from mmgen.model.transformer import AR_CONFIGS, ARConfig, MMGenTransformer  # no
 from mmgen.model.vocab import Vocabulary  # noqa: E402
 from mmgen.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
 from mmgen.text.encoder import SentenceEncoder  # noqa: E402
+from mmgen.text.quoted import split_prompts  # noqa: E402
 from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextTokenizer  # noqa: E402
 
+TEXT_BYTES = 256  # the text world's quoted texts reach 219 bytes
 PROMPT = 'a white card with the text "Hello world" in large blue serif letters, center aligned'
 
 
@@ -54,14 +56,17 @@ def train_speed(model, tokenizer, text, steps: int, batch: int) -> float:
     seconds, tokens = 0.0, 0
     for i in range(steps + 1):
         images, captions = next(batches)
+        rest, slot, _ = split_prompts(captions, vocab, model.config.text_bytes)  # as the trainer does
         with torch.no_grad():
             ids = vocab.to_unified("image", tokenizer.encode(images))
-            cond = text(captions)
+            cond = text(rest)
         t0 = time.perf_counter()
         prefix = model.prefix(cond.states, cond.mask)
-        start = torch.full((len(captions), 1), boi)
-        logits = model(prefix, start, image_ids=ids) if model.tokens_per_step > 1 else model(
-            prefix, torch.cat([start, ids[:, :-1]], 1))
+        start = torch.cat([slot, torch.full((len(captions), 1), boi)], 1)
+        if model.tokens_per_step > 1:
+            logits = model(prefix, start, image_ids=ids)
+        else:
+            logits = model(prefix, torch.cat([start, ids[:, :-1]], 1))[:, start.shape[1] - 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -105,9 +110,9 @@ def main() -> None:
     text = SentenceEncoder(48)
     rows = {}
     for s in args.windows:
-        model = build(tokenizer, s, 128)
+        model = build(tokenizer, s, TEXT_BYTES)
         pipe = TextToImagePipeline(tokenizer, model.eval(), text, {"guidance_scale": 3.0})
-        rows[s] = {"window": s, "positions": 48 + 130 + 1 + tokenizer.layout.num_tokens // (s * s),
+        rows[s] = {"window": s, "positions": 48 + TEXT_BYTES + 2 + 1 + tokenizer.layout.num_tokens // (s * s),
                    "train_tokens_per_s": round(train_speed(model, tokenizer, text, args.train_steps,
                                                            args.train_batch), 1),
                    "seconds_per_image_b1": round(gen_seconds(pipe, 1, args.repeats), 3),
