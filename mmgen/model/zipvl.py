@@ -5,7 +5,8 @@ Per layer and per input:
 
 1. **Probe queries**: the last 5 % of positions plus a seeded random 5 % of the others, at least
    ``min_probes`` (32; every position in shorter inputs: 6 probes for a 49-position text-to-image prefill
-   made the selection noisy enough to drop shapes-eval from 0.73 to 0.48). Their attention
+   made the selection noisy enough to drop shapes-eval from 0.73 to 0.48 in a one-off run on 48 canonical
+   prompts, not a repo command). Their attention
    probabilities give each key's received mass, divided by the number of probe queries that can see it under
    the causal mask (early keys are seen by every probe, late ones by few; without the division early tokens
    win by position alone). Summed over heads: the selection is per token, shared by all heads of the layer.
