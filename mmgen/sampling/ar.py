@@ -110,7 +110,7 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
     return uncond + scale * (cond - uncond)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, start_ids: torch.Tensor,
               num_tokens: int, token_range: tuple[int, int], options: SamplingOptions | None = None,
               generator: torch.Generator | None = None, progress: bool = False,
