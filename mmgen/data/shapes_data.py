@@ -15,15 +15,19 @@ import torch
 from mmgen.worlds import shapes
 
 
-def world_batches(batch_size: int, seed: int, size: int = 64, paraphrase: bool = True,
-                  exclude_combos=shapes.HELD_OUT_COMBOS, rank: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Endless (images (b, 3, H, W) in [0, 1], captions) from the shapes world; each rank gets its own stream."""
-    stream = shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=paraphrase,
-                             exclude_combos=exclude_combos)
+def _image_batches(stream, batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Samples with ``.image`` (PIL) and ``.caption`` -> endless (images (b, 3, H, W) in [0, 1], captions)."""
     while True:
         chunk = list(itertools.islice(stream, batch_size))
         arr = np.stack([np.asarray(s.image) for s in chunk])
         yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk]
+
+
+def world_batches(batch_size: int, seed: int, size: int = 64, paraphrase: bool = True,
+                  exclude_combos=shapes.HELD_OUT_COMBOS, rank: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Endless (images (b, 3, H, W) in [0, 1], captions) from the shapes world; each rank gets its own stream."""
+    return _image_batches(shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=paraphrase,
+                                          exclude_combos=exclude_combos), batch_size)
 
 
 def text_world_batches(batch_size: int, seed: int, size: int = 256, paraphrase: bool = True,
@@ -31,11 +35,18 @@ def text_world_batches(batch_size: int, seed: int, size: int = 256, paraphrase: 
     """Endless (images, captions) from the text world (long-text images) at a canvas of ``size``."""
     from mmgen.worlds import text
 
-    stream = text.generate(None, seed=seed * 1000 + rank, canvas=size, paraphrase=paraphrase)
-    while True:
-        chunk = list(itertools.islice(stream, batch_size))
-        arr = np.stack([np.asarray(s.image) for s in chunk])
-        yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk]
+    return _image_batches(text.generate(None, seed=seed * 1000 + rank, canvas=size, paraphrase=paraphrase),
+                          batch_size)
+
+
+def training_batches(world: str, batch_size: int, seed: int, size: int, rank: int = 0, paraphrase: bool = True,
+                     exclude_combos=shapes.HELD_OUT_COMBOS) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """The batches of a recipe's world: ``shapes`` or ``text`` (``exclude_combos`` applies to shapes)."""
+    if world == "shapes":
+        return world_batches(batch_size, seed, size, paraphrase, exclude_combos, rank)
+    if world == "text":
+        return text_world_batches(batch_size, seed, size, paraphrase, rank)
+    raise ValueError(f"unknown training world {world!r}: shapes or text")
 
 
 def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank: int = 0,

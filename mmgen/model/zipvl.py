@@ -313,9 +313,9 @@ class ZipVLLayer(CacheLayerMixin):
         if self.buf_k.shape[2] >= self.options.recent:
             important = important_mask(self.buf_mass / self.buf_seen, self.options.tau)
             self._store(self.buf_k, self.buf_v, important)
-            self.lazy_initialization_buffer()
+            self._reset_buffer()
 
-    def lazy_initialization_buffer(self) -> None:
+    def _reset_buffer(self) -> None:
         self.buf_k, self.buf_v = self.buf_k[:, :, :0].clone(), self.buf_v[:, :, :0].clone()
         self.buf_mass, self.buf_seen = self.buf_mass[:, :0].clone(), self.buf_seen[:0].clone()
 
@@ -405,11 +405,7 @@ def zipvl_attention(module, query, key, value, attention_mask, dropout: float = 
     return o.transpose(1, 2).contiguous(), None
 
 
-def zipvl_mask(*args, **kwargs):
-    """``AttentionMaskInterface`` function: SDPA's boolean mask, or None for a plain causal prefill or a single
-    decoding query (the sparse prefill depends on that None: it applies causality itself with ``is_causal``)."""
-    return sdpa_mask(*args, **kwargs)
-
-
+# The mask: SDPA's own. It returns None for a plain causal prefill or a single decoding query, which is how
+# zipvl_attention recognises the prefill it sparsifies (it applies causality itself).
 AttentionInterface.register(ATTENTION_NAME, zipvl_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, zipvl_mask)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

@@ -11,17 +11,15 @@ and the LFQ entropy term factorised over bits (see ``BinaryQuantizer``).
 """
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from .base import CheckpointError, TokenLayout, Tokenizer, load_part, load_state_strict, save_part
+from .base import TokenLayout
 from .quantizers import BinaryQuantizer
-from .vq_image import Decoder, Encoder, VQImageConfig, images_to_tensor, tensor_to_images
+from .vq_image import Decoder, Encoder, GridImageTokenizer, VQImageConfig, images_to_tensor
 
 
 @dataclass
@@ -46,7 +44,10 @@ BINARY_TEXT_CONFIGS = {
 }
 
 
-class BinaryTextTokenizer(Tokenizer):
+class BinaryTextTokenizer(GridImageTokenizer):
+    type_name = "binary_text"
+    config_class = BinaryTextConfig
+
     def __init__(self, config: BinaryTextConfig):
         super().__init__()
         if config.downsample not in (2, 4, 8, 16):
@@ -72,11 +73,6 @@ class BinaryTextTokenizer(Tokenizer):
         self.layout = TokenLayout("grid2d", (g, g))
         self.vocab_size = 2 ** config.bits
 
-    def _check(self, x: torch.Tensor) -> None:
-        s = self.config.image_size
-        if x.shape[-2:] != (s, s):
-            raise ValueError(f"this tokenizer takes {s}x{s} images, got {x.shape[-1]}x{x.shape[-2]}")
-
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         """x (b, 3, H, W) in [0, 1] -> continuous bit latents (b, B, h, w)."""
         f = self.encoder(x * 2 - 1)
@@ -99,38 +95,6 @@ class BinaryTextTokenizer(Tokenizer):
         self._check(x)
         return rearrange(self.quantizer(self.latents(x)).ids, "b h w -> b (h w)")
 
-    @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """(b, n) or (b, h, w) ids -> images (b, 3, H, W) in [0, 1]."""
-        h, w = self.layout.grid
-        if ids.dim() == 2:
-            if ids.shape[1] != h * w:
-                raise ValueError(f"expected {h * w} ids per image, got {ids.shape[1]}")
-            ids = rearrange(ids, "b (h w) -> b h w", h=h, w=w)
-        return ((self.decoder(self.quantizer.embed(ids.to(self.device))) + 1) / 2).clamp(0, 1)
-
     def code_vectors(self) -> torch.Tensor:
         """Every token's +-1 bit vector (2^B, B): what Distilled Decoding's flow map moves noise to."""
         return self.quantizer.codebook()
-
-    def decode_images(self, ids: torch.Tensor):
-        return tensor_to_images(self.decode(ids))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        cfg = {"type": "binary_text", "layout": self.layout.to_dict(), **asdict(self.config)}
-        save_part(directory, cfg, self.state_dict(), dtype)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "BinaryTextTokenizer":
-        cfg, state = load_part(directory, expected_type="binary_text")
-        fields = {k: cfg[k] for k in BinaryTextConfig.__dataclass_fields__ if k in cfg}
-        try:
-            tok = cls(BinaryTextConfig(**fields))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{directory}/config.json describes no valid tokenizer: {e}") from e
-        load_state_strict(tok, state, str(Path(directory)))
-        return tok.eval()

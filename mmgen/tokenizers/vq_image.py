@@ -117,7 +117,57 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-class VQImageTokenizer(Tokenizer):
+class GridImageTokenizer(Tokenizer):
+    """What every image tokenizer on a 2-D token grid shares: the size check, decoding ids through
+    ``quantizer.embed`` and ``decoder``, and save/load of a ``config.json`` + safetensors folder.
+
+    Subclasses set ``type_name`` and ``config_class`` and build ``config``, ``layout``, ``quantizer``,
+    ``decoder``."""
+    type_name: str
+    config_class: type
+
+    def _check(self, x: torch.Tensor) -> None:
+        s = self.config.image_size
+        if x.shape[-2:] != (s, s):
+            raise ValueError(f"this tokenizer takes {s}x{s} images, got {x.shape[-1]}x{x.shape[-2]}")
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """(b, n) or (b, h, w) code ids -> images (b, 3, H, W) in [0, 1]."""
+        h, w = self.layout.grid
+        if ids.dim() == 2:
+            if ids.shape[1] != h * w:
+                raise ValueError(f"expected {h * w} ids per image, got {ids.shape[1]}")
+            ids = rearrange(ids, "b (h w) -> b h w", h=h, w=w)
+        return ((self.decoder(self.quantizer.embed(ids.to(self.device))) + 1) / 2).clamp(0, 1)
+
+    def decode_images(self, ids: torch.Tensor) -> list[Image.Image]:
+        return tensor_to_images(self.decode(ids))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        cfg = {"type": self.type_name, "layout": self.layout.to_dict(), **asdict(self.config)}
+        save_part(directory, cfg, self.state_dict(), dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike):
+        cfg, state = load_part(directory, expected_type=cls.type_name)
+        fields = {k: cfg[k] for k in cls.config_class.__dataclass_fields__ if k in cfg}
+        try:
+            tok = cls(cls.config_class(**fields))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory}/config.json describes no valid tokenizer: {e}") from e
+        load_state_strict(tok, state, str(Path(directory)))
+        return tok.eval()
+
+
+class VQImageTokenizer(GridImageTokenizer):
+    type_name = "vq_image"
+    config_class = VQImageConfig
+
     def __init__(self, config: VQImageConfig):
         super().__init__()
         if config.downsample not in (2, 4, 8, 16):
@@ -130,11 +180,6 @@ class VQImageTokenizer(Tokenizer):
         g = config.image_size // config.downsample
         self.layout = TokenLayout("grid2d", (g, g))
         self.vocab_size = config.codebook_size
-
-    def _check(self, x: torch.Tensor) -> None:
-        s = self.config.image_size
-        if x.shape[-2:] != (s, s):
-            raise ValueError(f"this tokenizer takes {s}x{s} images, got {x.shape[-1]}x{x.shape[-2]}")
 
     def forward(self, x: torch.Tensor, quantize: bool = True):
         """x (b, 3, H, W) in [0, 1] -> (reconstruction in [0, 1] space, quantizer output, latents).
@@ -159,38 +204,6 @@ class VQImageTokenizer(Tokenizer):
         q = self.quantizer(self.encoder(x * 2 - 1))
         return rearrange(q.ids, "b h w -> b (h w)")
 
-    @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """(b, n) or (b, h, w) code ids -> images (b, 3, H, W) in [0, 1]."""
-        h, w = self.layout.grid
-        if ids.dim() == 2:
-            if ids.shape[1] != h * w:
-                raise ValueError(f"expected {h * w} ids per image, got {ids.shape[1]}")
-            ids = rearrange(ids, "b (h w) -> b h w", h=h, w=w)
-        return ((self.decoder(self.quantizer.embed(ids.to(self.device))) + 1) / 2).clamp(0, 1)
-
     def code_vectors(self) -> torch.Tensor:
         """The codebook (vocab_size, code_dim): the vectors Distilled Decoding's flow map moves noise to."""
         return self.quantizer.codebook().detach()
-
-    def decode_images(self, ids: torch.Tensor) -> list[Image.Image]:
-        return tensor_to_images(self.decode(ids))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        cfg = {"type": "vq_image", "layout": self.layout.to_dict(), **asdict(self.config)}
-        save_part(directory, cfg, self.state_dict(), dtype)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "VQImageTokenizer":
-        cfg, state = load_part(directory, expected_type="vq_image")
-        fields = {k: cfg[k] for k in VQImageConfig.__dataclass_fields__ if k in cfg}
-        try:
-            tok = cls(VQImageConfig(**fields))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{directory}/config.json describes no valid tokenizer: {e}") from e
-        load_state_strict(tok, state, str(Path(directory)))
-        return tok.eval()

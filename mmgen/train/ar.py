@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmgen.data.shapes_data import folder_batches, text_world_batches, world_batches
+from mmgen.data.shapes_data import folder_batches, training_batches
 from mmgen.model.transformer import AR_CONFIGS, ARConfig, MMGenTransformer
 from mmgen.model.vocab import Vocabulary
 from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
@@ -77,18 +77,10 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     wrapped, opt = acc.prepare(model, opt)
     batch = int(tr.get("batch_size", 16))
     held = [tuple(c) for c in tr.get("exclude_combos", shapes.HELD_OUT_COMBOS)]
-    world = tr.get("world", "shapes")
-    if data:
-        batches = folder_batches(data, batch, seed + step, tokenizer.config.image_size, acc.process_index,
-                                 acc.num_processes)
-    elif world == "shapes":
-        batches = world_batches(batch, seed + step, tokenizer.config.image_size, paraphrase=True,
-                                exclude_combos=held, rank=acc.process_index)
-    elif world == "text":
-        batches = text_world_batches(batch, seed + step, tokenizer.config.image_size, paraphrase=True,
-                                     rank=acc.process_index)
-    else:
-        raise ValueError(f"unknown training world {world!r}: shapes or text")
+    batches = (folder_batches(data, batch, seed + step, tokenizer.config.image_size, acc.process_index,
+                              acc.num_processes) if data
+               else training_batches(tr.get("world", "shapes"), batch, seed + step, tokenizer.config.image_size,
+                                     acc.process_index, paraphrase=True, exclude_combos=held))
     vocab = model.vocab
     text_bytes = model.config.text_bytes
     boi, eoi = vocab.special("<boi>"), vocab.special("<eoi>")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmgen.data.shapes_data import folder_batches, text_world_batches, world_batches
+from mmgen.data.shapes_data import folder_batches, training_batches
 from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer
 from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer
 
@@ -83,15 +83,9 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     size = tok.config.image_size
     batch = int(tr.get("batch_size", 16))
     data_seed = seed + step  # a resumed run continues on fresh samples
-    world = recipe.get("data", {}).get("world", "shapes")
-    if data:
-        batches = folder_batches(data, batch, data_seed, size, acc.process_index, acc.num_processes)
-    elif world == "shapes":
-        batches = world_batches(batch, data_seed, size, paraphrase=False, exclude_combos=(), rank=acc.process_index)
-    elif world == "text":
-        batches = text_world_batches(batch, data_seed, size, paraphrase=False, rank=acc.process_index)
-    else:
-        raise ValueError(f"unknown data world {world!r}: shapes or text")
+    batches = (folder_batches(data, batch, data_seed, size, acc.process_index, acc.num_processes) if data
+               else training_batches(recipe.get("data", {}).get("world", "shapes"), batch, data_seed, size,
+                                     acc.process_index, paraphrase=False, exclude_combos=()))
     metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
     minutes0 = float(extra.get("minutes", 0.0))
     edge_w = float(tr.get("edge_weight", 4.0))
