@@ -129,6 +129,24 @@ def cmd_train(args) -> int:
         return 0
     if not args.recipe:
         raise SystemExit(f"error: mmgen train {args.what} needs --recipe FILE")
+    if args.what in ("clip", "seed-tokenizer", "seed-decoder"):
+        from mmgen.train import seed as seed_train
+
+        if args.what == "clip":
+            path = seed_train.train_clip(args.recipe, args.output, steps=args.steps, resume=args.resume)
+        elif args.what == "seed-tokenizer":
+            if not args.clip:
+                raise SystemExit("error: mmgen train seed-tokenizer needs --clip DIR (a trained CLIP)")
+            path = seed_train.train_seed_tokenizer(args.recipe, args.clip, args.output, steps=args.steps,
+                                                   resume=args.resume)
+        else:
+            if not (args.tokenizer and args.vae):
+                raise SystemExit("error: mmgen train seed-decoder needs --tokenizer DIR (SEED) and --vae DIR "
+                                 "(the image autoencoder whose latents it diffuses)")
+            path = seed_train.train_seed_decoder(args.recipe, args.tokenizer, args.vae, args.output,
+                                                 steps=args.steps, resume=args.resume)
+        print(path)
+        return 0
     if args.what == "tokenizer":
         from mmgen.train.tokenizer import train_tokenizer
 
@@ -186,6 +204,12 @@ def cmd_eval(args) -> int:
                     zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
     for ps in args.prompt_sets:
         report[ps] = evaluate_text_to_image(pipe, ps, n=args.n, seed=args.seed, progress=not args.quiet, **sampling)
+    if "see" in pipe.tasks:  # the model also writes captions: captioning accuracy on fresh world images
+        from mmgen.eval.caption import evaluate_captions
+        from mmgen.pipelines.image_to_text import ImageToTextPipeline
+
+        report["captions"] = evaluate_captions(ImageToTextPipeline(pipe.tokenizer, pipe.model, pipe.tasks),
+                                               n=args.n, progress=not args.quiet)
     extra = ("sampler", "steps", "zipvl_tau", "kv_bits")
     report["sampling"] = {**pipe.options(**{k: v for k, v in sampling.items() if k not in extra}).__dict__,
                           **{k: sampling[k] for k in extra}}
@@ -203,10 +227,49 @@ def cmd_pack(args) -> int:
     from mmgen.pipelines.text_to_image import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(args.pipeline)
+    if args.tokenizer:  # e.g. the SEED tokenizer once its diffusion decoder is trained: same codes, new decoder
+        from mmgen.pipelines.text_to_image import load_tokenizer
+        from mmgen.tokenizers.base import CheckpointError
+
+        new = load_tokenizer(args.tokenizer)
+        old = pipe.tokenizer.code_vectors()
+        if new.code_vectors().shape != old.shape or not torch.allclose(new.code_vectors(), old, atol=1e-3):
+            raise CheckpointError(f"{args.tokenizer} has another codebook than the pipeline's tokenizer: "
+                                  "the model's ids would mean other things")
+        pipe.tokenizer = new.eval()
     if args.defaults:
         pipe.defaults.update(json.loads(args.defaults))
     pipe.save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
     print(args.output)
+    return 0
+
+
+def cmd_caption(args) -> int:
+    import torch
+    from PIL import Image
+
+    from mmgen.pipelines.image_to_text import ImageToTextPipeline
+
+    images = []
+    for name in args.images:
+        try:
+            images.append(Image.open(name).convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read image {name}: {e}") from None
+    pipe = ImageToTextPipeline.from_pretrained(args.checkpoint)
+    size = pipe.tokenizer.config.image_size
+    wrong = [n for n, im in zip(args.images, images) if im.size != (size, size)]
+    if wrong and not args.resize:
+        raise SystemExit(f"error: this checkpoint reads {size}x{size} images; {wrong[0]} is "
+                         f"{images[args.images.index(wrong[0])].size[0]}x{images[args.images.index(wrong[0])].size[1]} "
+                         "(pass --resize to scale it)")
+    images = [im.resize((size, size), Image.BICUBIC) if im.size != (size, size) else im for im in images]
+    gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    for start in range(0, len(images), args.batch_size):
+        out = pipe(images[start:start + args.batch_size], temperature=args.temperature, generator=gen)
+        for name, caption in zip(args.images[start:start + args.batch_size], out.captions):
+            caption = "".join(c if c.isprintable() else "\ufffd" for c in caption)  # one line per image
+            print(f"{name}\t{caption}" if args.with_names else caption)
     return 0
 
 
@@ -255,12 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description=(
         "  mmgen train tokenizer --recipe tokenizers/vq_image.yaml --output runs/vq_image\n"
         "  mmgen train ar --recipe recipes/shapes_ar.yaml --tokenizer runs/vq_image/tokenizer --output runs/ar\n"
-        "  mmgen train dd --teacher checkpoints/shapes --output runs/dd   (teacher pairs, then the student)"),
+        "  mmgen train dd --teacher checkpoints/shapes --output runs/dd   (teacher pairs, then the student)\n"
+        "SEED (see docs/seed.md):\n"
+        "  mmgen train clip --recipe tokenizers/clip_shapes.yaml --output runs/clip\n"
+        "  mmgen train seed-tokenizer --recipe tokenizers/seed.yaml --clip runs/clip/clip --output runs/seed_tok\n"
+        "  mmgen train seed-decoder --recipe tokenizers/seed_decoder.yaml --tokenizer runs/seed_tok/tokenizer \\\n"
+        "      --vae checkpoints/shapes/tokenizer --output runs/seed_dec\n"
+        "  mmgen train ar --recipe recipes/seed_ar.yaml --tokenizer runs/seed_tok/tokenizer --output runs/seed_ar"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("what", choices=("tokenizer", "ar", "dd"))
+    tr.add_argument("what", choices=("tokenizer", "ar", "dd", "clip", "seed-tokenizer", "seed-decoder"))
     tr.add_argument("--recipe", help="YAML recipe (tokenizers/*.yaml or recipes/*.yaml); not for dd")
     tr.add_argument("--output", required=True, help="run folder: train_state/, metrics.jsonl, the result")
-    tr.add_argument("--tokenizer", help="(ar) trained tokenizer folder")
+    tr.add_argument("--tokenizer", help="(ar, seed-decoder) trained tokenizer folder")
+    tr.add_argument("--clip", help="(seed-tokenizer) the trained CLIP folder")
+    tr.add_argument("--vae", help="(seed-decoder) the image autoencoder folder whose latent space it diffuses")
     tr.add_argument("--data", help="a folder of images with metadata.jsonl instead of the world")
     tr.add_argument("--steps", type=int, help="override the recipe's step count (dd: student steps, default 1500)")
     tr.add_argument("--seed", type=int, help="override the recipe's seed")
@@ -270,9 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.set_defaults(func=cmd_train)
 
+    cp = sub.add_parser("caption", help="image -> text (SEED checkpoints: the model that draws also sees)",
+                        description="Print one caption per image, in order.\n"
+                        "  mmgen caption a.png b.png --checkpoint checkpoints/seed",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cp.add_argument("images", nargs="+", help="image files (64x64 for the shipped SEED checkpoint)")
+    cp.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "seed"),
+                    help="a checkpoint trained on both directions (default: checkpoints/seed)")
+    cp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0 samples")
+    cp.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
+    cp.add_argument("--batch-size", type=int, default=32, help="images per forward batch (default 32)")
+    cp.add_argument("--resize", action="store_true", help="scale images of another size to the checkpoint's")
+    cp.add_argument("--with-names", action="store_true", help="print FILE<TAB>caption")
+    cp.set_defaults(func=cmd_caption)
+
     ev = sub.add_parser("eval", help="evaluate a checkpoint")
     ev.add_argument("what", choices=("shapes", "text"),
-                    help="shapes: shapes-eval; text: text-eval (OCR CER short/long, colour, alignment, OCR ceiling); "
+                    help="shapes: shapes-eval (plus captioning accuracy when the checkpoint also sees, e.g. "
+                         "checkpoints/seed); text: text-eval (OCR CER short/long, colour, alignment, OCR ceiling); "
                          "each on reconstructions and text-to-image")
     ev.add_argument("--checkpoint", help="checkpoint folder (default: checkpoints/shapes, or checkpoints/text)")
     ev.add_argument("--n", type=int, default=50, help="shapes: prompts per object count and prompt set; text: short "
@@ -290,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--output", required=True)
     pk.add_argument("--defaults", help='JSON of sampling defaults, e.g. \'{"guidance_scale": 3}\'')
     pk.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16)")
+    pk.add_argument("--tokenizer", help="replace the tokenizer by this one with the same codebook (e.g. SEED with "
+                                        "its trained diffusion decoder)")
     pk.set_defaults(func=cmd_pack)
 
     sub.add_parser("studio", help="the Gradio web studio (mmgen studio --help for its options)", add_help=False)

@@ -54,9 +54,12 @@ def evaluate_reconstruction(tokenizer, n: int = 100, seed: int = EVAL_SEED, batc
 
     samples = eval_scenes("canonical", n, seed, tokenizer.config.image_size)
     images = []
+    gen = torch.Generator().manual_seed(seed)  # a diffusion decoder (SEED) draws seeded noise
     for chunk in tqdm(list(_batched(samples, batch)), disable=not progress, desc="reconstruct"):
         ids = tokenizer.encode([s.image for s in chunk])
-        images.extend(tensor_to_images(tokenizer.decode(ids)))
+        pixels = (tokenizer.decode(ids, generator=gen) if getattr(tokenizer, "decode_needs_generator", False)
+                  else tokenizer.decode(ids))
+        images.extend(tensor_to_images(pixels))
     res = _summary(images, samples)
     import numpy as np
     mse = np.mean([np.mean((np.asarray(a, float) - np.asarray(s.image, float)) ** 2) for a, s in zip(images, samples)])

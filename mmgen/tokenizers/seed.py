@@ -1,0 +1,380 @@
+"""SEED: a one-dimensional, causal, semantic image tokenizer with a diffusion decoder (arXiv 2307.08041).
+
+image -> frozen CLIP ViT patch features (``clip_shapes.ShapesCLIP``, trained on the world) -> causal
+Q-Former (``num_queries`` learned queries; causal self-attention among the queries, cross-attention to the
+features) -> one code per query from an l2-normalised VQ codebook -> ``num_queries`` ids, read left to right
+like words (layout ``causal1d``).
+
+Decoding: a small transformer turns the code vectors back into the causal embeddings and an attention-pooled
+MLP into the CLIP image embedding (SEED's "generation embedding"); a diffusers ``UNet2DConditionModel``
+cross-attends to both and denoises, with a DDIM scheduler, the latent of the project's patch VQ autoencoder
+(``vae``), whose decoder paints the pixels (latent diffusion, as SEED's Stable Diffusion decoder is).
+
+Training follows the paper's two stages at small scale (``mmgen.train.seed``):
+1. the Q-Former's final causal embedding is aligned with the caption by a contrastive loss;
+2. the codebook is learnt: codes -> reconstructed causal embeddings (cosine) and -> CLIP image embedding
+   (cosine), plus the VQ commitment loss.
+Simplifications, all measured by the model card rather than assumed harmless:
+- The caption side of stage 1 is the frozen CLIP text tower (SEED uses BLIP-2's Q-Former text encoder).
+- In stage 2 the Q-Former keeps training (SEED freezes it) with the stage-1 loss still on, so the
+  reconstruction losses can move information into the codes; the causal-embedding target is detached.
+- The codebook has ``codebook_size`` entries (1024 by default; the paper's 8192 is for natural images).
+- The generation embedding is this CLIP's image embedding, not unCLIP-SD's, and the diffusion decoder is
+  trained here on the world with the tokenizer frozen.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mmgen.tokenizers.base import (CheckpointError, TokenLayout, Tokenizer, load_part, load_state_strict,
+                                   save_part)
+from mmgen.tokenizers.clip_shapes import ShapesCLIP
+from mmgen.tokenizers.quantizers import VectorQuantizer
+from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
+
+
+@dataclass
+class SEEDConfig:
+    image_size: int = 64
+    num_queries: int = 32
+    width: int = 192
+    layers: int = 3
+    heads: int = 4
+    feature_dim: int = 192       # CLIP ViT width (taken from the CLIP at build time)
+    embed_dim: int = 128         # CLIP joint embedding size (taken from the CLIP)
+    codebook_size: int = 1024
+    code_dim: int = 32
+    beta: float = 0.25
+    decoder_layers: int = 2
+    # the diffusion decoder
+    unet_channels: tuple = (64, 128, 192)
+    unet_heads: int = 4
+    latent_scale: float = 2.8284  # VAE latents are unit code vectors; sqrt(code_dim) gives unit variance per entry
+    train_timesteps: int = 1000
+    sample_steps: int = 25
+    guidance_scale: float = 3.0
+    cond_drop: float = 0.1
+
+
+SEED_CONFIGS = {
+    "debug": SEEDConfig(num_queries=8, width=32, layers=1, heads=2, codebook_size=64, code_dim=8, decoder_layers=1,
+                        unet_channels=(16, 32, 32), unet_heads=2, sample_steps=4),
+    "base": SEEDConfig(),
+}
+
+
+class QFormerBlock(nn.Module):
+    """Pre-norm block: causal self-attention among the queries, cross-attention to the image features, MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, q: torch.Tensor, feats: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(q)
+        q = q + self.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0]
+        q = q + self.cross_attn(self.ln2(q), feats, feats, need_weights=False)[0]
+        return q + self.mlp(self.ln3(q))
+
+
+class CausalQFormer(nn.Module):
+    def __init__(self, c: SEEDConfig):
+        super().__init__()
+        self.feat_proj = nn.Sequential(nn.LayerNorm(c.feature_dim), nn.Linear(c.feature_dim, c.width))
+        self.queries = nn.Parameter(torch.randn(c.num_queries, c.width) * 0.02)
+        self.blocks = nn.ModuleList(QFormerBlock(c.width, c.heads) for _ in range(c.layers))
+        self.ln_out = nn.LayerNorm(c.width)
+        n = c.num_queries
+        self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).triu(1), persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(b, n_patches, feature_dim) -> causal embeddings (b, num_queries, width); query i sees queries <= i."""
+        f = self.feat_proj(features)
+        q = self.queries.unsqueeze(0).expand(f.shape[0], -1, -1)
+        for blk in self.blocks:
+            q = blk(q, f, self.causal)
+        return self.ln_out(q)
+
+
+class CodeDecoder(nn.Module):
+    """Code vectors -> reconstructed causal embeddings (a small transformer) and generation embedding."""
+
+    def __init__(self, c: SEEDConfig):
+        super().__init__()
+        self.inp = nn.Linear(c.code_dim, c.width)
+        self.pos = nn.Parameter(torch.randn(c.num_queries, c.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(c.width, c.heads, 4 * c.width, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.body = nn.TransformerEncoder(layer, c.decoder_layers, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(c.width)
+        self.pool_query = nn.Parameter(torch.randn(1, 1, c.width) * 0.02)
+        self.pool = nn.MultiheadAttention(c.width, c.heads, batch_first=True)
+        self.gen_head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, 2 * c.width), nn.GELU(),
+                                      nn.Linear(2 * c.width, c.embed_dim))
+
+    def forward(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.ln(self.body(self.inp(codes) + self.pos))
+        pooled = self.pool(self.pool_query.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0][:, 0]
+        return h, self.gen_head(pooled)
+
+
+class SEEDDiffusionDecoder(nn.Module):
+    """diffusers UNet2DConditionModel over the VAE's latent grid, cross-attending to the SEED condition
+    (the reconstructed causal embeddings plus the projected generation embedding); classifier-free guidance
+    against a learnt null condition."""
+
+    def __init__(self, c: SEEDConfig, latent_channels: int, latent_size: int):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        ch = tuple(c.unet_channels)
+        self.unet = UNet2DConditionModel(
+            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+            layers_per_block=1, block_out_channels=ch,
+            down_block_types=("CrossAttnDownBlock2D",) * (len(ch) - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(ch) - 1),
+            cross_attention_dim=c.width, attention_head_dim=c.unet_heads, norm_num_groups=min(16, ch[0]))
+        self.gen_proj = nn.Linear(c.embed_dim, c.width)
+        self.null = nn.Parameter(torch.randn(c.num_queries + 1, c.width) * 0.02)
+        self.c = c
+
+    def scheduler_config(self) -> dict:
+        return dict(num_train_timesteps=self.c.train_timesteps, beta_schedule="squaredcos_cap_v2",
+                    prediction_type="v_prediction", clip_sample=False)
+
+    def condition(self, recon: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
+        return torch.cat([recon, self.gen_proj(gen)[:, None]], 1)
+
+    def loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """v-prediction loss on VAE latents (b, c, h, w) (already scaled); drops ``cond_drop`` of the conditions."""
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler(**self.scheduler_config())
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        t = torch.randint(0, self.c.train_timesteps, (b,), generator=generator, device=latents.device)
+        drop = torch.rand(b, generator=generator, device=latents.device) < self.c.cond_drop
+        cond = torch.where(drop[:, None, None], self.null.expand(b, -1, -1), cond)
+        noisy = sched.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
+        return F.mse_loss(pred, sched.get_velocity(latents, noise, t))
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, shape: tuple, generator: torch.Generator | None = None,
+               steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+        """Deterministic DDIM (eta 0) from seeded noise -> latents (b, c, h, w) (scaled)."""
+        from diffusers import DDIMScheduler
+
+        steps = steps or self.c.sample_steps
+        g = self.c.guidance_scale if guidance_scale is None else guidance_scale
+        sched = DDIMScheduler(**self.scheduler_config())
+        sched.set_timesteps(steps)
+        b = cond.shape[0]
+        if isinstance(generator, (list, tuple)):  # one generator per image
+            if len(generator) != b:
+                raise ValueError(f"got {len(generator)} generators for {b} images")
+            x = torch.stack([torch.randn(shape, generator=g) for g in generator]).to(cond.device)
+        else:
+            x = torch.randn((b, *shape), generator=generator, device=cond.device)
+        both = torch.cat([cond, self.null.expand(b, -1, -1)]) if g != 1.0 else cond
+        for t in sched.timesteps:
+            inp = torch.cat([x, x]) if g != 1.0 else x
+            out = self.unet(inp, t, encoder_hidden_states=both).sample
+            if g != 1.0:
+                c_out, u_out = out.chunk(2)
+                out = u_out + g * (c_out - u_out)
+            x = sched.step(out, t, x).prev_sample
+        return x
+
+
+class SEEDTokenizer(Tokenizer):
+    """Images -> (b, num_queries) causal ids; ids -> images through the diffusion decoder (when trained)."""
+
+    type_name = "seed"
+    decode_needs_generator = True  # the diffusion decoder starts from seeded noise
+
+    def __init__(self, config: SEEDConfig, clip: ShapesCLIP, vae: VQImageTokenizer | None = None,
+                 with_decoder: bool = False):
+        super().__init__()
+        if clip.image_size != config.image_size:
+            raise ValueError(f"CLIP takes {clip.image_size}px images, SEED config says {config.image_size}")
+        if vae is not None and vae.config.image_size != config.image_size:
+            raise ValueError(f"the VAE takes {vae.config.image_size}px images, SEED config says {config.image_size}")
+        config.feature_dim, config.embed_dim = clip.feature_dim, clip.embed_dim
+        self.config = config
+        self.clip = clip.eval().requires_grad_(False)
+        self.qformer = CausalQFormer(config)
+        self.align_proj = nn.Linear(config.width, config.embed_dim)
+        self.align_logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
+        self.to_code = nn.Linear(config.width, config.code_dim)
+        self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.beta)
+        self.code_decoder = CodeDecoder(config)
+        self.layout = TokenLayout("causal1d", (config.num_queries,))
+        self.vocab_size = config.codebook_size
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.diffusion = None
+        if with_decoder:
+            if vae is None:
+                raise ValueError("the diffusion decoder needs the VAE whose latents it denoises")
+            g = vae.layout.grid
+            self.diffusion = SEEDDiffusionDecoder(config, vae.config.code_dim, g[0])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen towers never switch to training behaviour
+        if self.vae is not None:
+            self.vae.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.to_code.weight.device
+
+    # ---- tokens ---------------------------------------------------------------------------------------
+    def causal_embeddings(self, images) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.clip.image_features(images)[0]
+        return self.qformer(feats)
+
+    def quantize(self, emb: torch.Tensor):
+        """Causal embeddings (b, n, width) -> (code vectors (b, n, code_dim), ids (b, n), vq loss, perplexity)."""
+        z = rearrange(self.to_code(emb), "b n d -> b d 1 n")
+        q = self.quantizer(z)
+        return rearrange(q.quantized, "b d 1 n -> b n d"), q.ids[:, 0], q.loss, q.perplexity
+
+    @torch.no_grad()
+    def encode(self, images) -> torch.Tensor:
+        """Images (PIL, uint8 array or (b, 3, 64, 64) in [0, 1]) -> (b, num_queries) ids, causal order."""
+        return self.quantize(self.causal_embeddings(images))[1]
+
+    def code_vectors(self) -> torch.Tensor:
+        return self.quantizer.codebook().detach()
+
+    def embed_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (b, n) -> (reconstructed causal embeddings, generation embedding)."""
+        n = self.config.num_queries
+        if ids.dim() != 2 or ids.shape[1] != n:
+            raise ValueError(f"SEED ids must be (batch, {n}), got {tuple(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"SEED ids must lie in [0, {self.vocab_size})")
+        return self.code_decoder(self.quantizer.codebook()[ids.to(self.device)])
+
+    # ---- training losses (through forward, so DDP syncs them) ----------------------------------------
+    def alignment_loss(self, emb: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contrastive loss between the final causal embedding and the caption embedding (normalised)."""
+        img = F.normalize(self.align_proj(emb[:, -1]), dim=-1)
+        logits = self.align_logit_scale.clamp(max=4.6052).exp() * img @ text.t()
+        target = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        return loss, (logits.argmax(1) == target).float().mean()
+
+    def forward(self, images, captions, stage: int):
+        """-> (loss, metrics). Stage 1: alignment. Stage 2: alignment + VQ + reconstruction of the causal
+        embeddings and of the CLIP image embedding from the codes."""
+        with torch.no_grad():
+            feats, img_emb = self.clip.image_features(images)
+            text = self.clip.encode_text(captions)
+        emb = self.qformer(feats)
+        align, acc = self.alignment_loss(emb, text)
+        if stage == 1:
+            return align, {"align": align.item(), "acc": acc.item()}
+        codes, _, vq, ppl = self.quantize(emb)
+        recon, gen = self.code_decoder(codes)
+        rec = (1 - F.cosine_similarity(recon, emb.detach(), dim=-1)).mean()
+        gen_loss = (1 - F.cosine_similarity(gen, img_emb, dim=-1)).mean()
+        loss = align + vq + rec + gen_loss
+        return loss, {"align": align.item(), "acc": acc.item(), "vq": vq.item(), "rec": rec.item(),
+                      "gen": gen_loss.item(), "ppl": ppl.item()}
+
+    def decoder_loss(self, images, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The diffusion decoder's loss on images (tokenizer and VAE frozen)."""
+        with torch.no_grad():
+            ids = self.encode(images)
+            recon, gen = self.embed_ids(ids)
+            x = images if isinstance(images, torch.Tensor) else None
+            from mmgen.tokenizers.vq_image import images_to_tensor
+
+            x = images_to_tensor(images).to(self.device) if x is None else x.to(self.device)
+            latents = self.vae.quantizer(self.vae.encoder(x * 2 - 1)).quantized * self.config.latent_scale
+        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen), generator)
+
+    # ---- pixels ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None,
+               guidance_scale: float | None = None) -> torch.Tensor:
+        """(b, num_queries) ids -> images (b, 3, 64, 64) in [0, 1]: DDIM in the VAE latent space, each latent
+        vector snapped to the VAE codebook, the VAE decoder paints. Deterministic for a seeded generator."""
+        if self.diffusion is None:
+            raise CheckpointError("this SEED tokenizer has no trained diffusion decoder (train seed-decoder)")
+        recon, gen = self.embed_ids(ids)
+        cond = self.diffusion.condition(recon, gen)
+        g = self.vae.layout.grid
+        lat = self.diffusion.sample(cond, (self.vae.config.code_dim, g[0], g[1]), generator, steps, guidance_scale)
+        q = self.vae.quantizer(lat / self.config.latent_scale)
+        return ((self.vae.decoder(q.quantized) + 1) / 2).clamp(0, 1)
+
+    def decode_images(self, ids: torch.Tensor, generator: torch.Generator | None = None, **kw):
+        return tensor_to_images(self.decode(ids, generator, **kw))
+
+    # ---- save / load ----------------------------------------------------------------------------------
+    def _own_state(self) -> dict:
+        skip = ("clip.", "vae.", "diffusion.unet.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        directory = Path(directory)
+        cfg = {"type": self.type_name, "layout": self.layout.to_dict(), "has_decoder": self.diffusion is not None,
+               **asdict(self.config)}
+        save_part(directory, cfg, self._own_state(), dtype)
+        self.clip.save_pretrained(directory / "clip", dtype)
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / "vae", dtype)
+        if self.diffusion is not None:
+            unet = self.diffusion.unet
+            if dtype is not None:
+                unet = type(unet).from_config(unet.config)
+                unet.load_state_dict({k: v.to(dtype) for k, v in self.diffusion.unet.state_dict().items()})
+            unet.save_pretrained(directory / "unet", safe_serialization=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, with_decoder: bool | None = None) -> "SEEDTokenizer":
+        directory = Path(directory)
+        cfg, state = load_part(directory, expected_type=cls.type_name)
+        fields = {k: cfg[k] for k in SEEDConfig.__dataclass_fields__ if k in cfg}
+        if "unet_channels" in fields:
+            fields["unet_channels"] = tuple(fields["unet_channels"])
+        has_dec = bool(cfg.get("has_decoder")) if with_decoder is None else with_decoder
+        clip = ShapesCLIP.from_pretrained(directory / "clip")
+        vae = VQImageTokenizer.from_pretrained(directory / "vae") if (directory / "vae").is_dir() else None
+        try:
+            tok = cls(SEEDConfig(**fields), clip, vae, with_decoder=has_dec)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory}/config.json describes no valid SEED tokenizer: {e}") from e
+        own = tok._own_state()
+        if has_dec:
+            from diffusers import UNet2DConditionModel
+
+            unet_dir = directory / "unet"
+            if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
+                raise CheckpointError(f"{directory} says it has a diffusion decoder but {unet_dir} holds no "
+                                      "diffusion_pytorch_model.safetensors")
+            unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, local_files_only=True)
+            tok.diffusion.unet = unet.float()
+        else:
+            state = {k: v for k, v in state.items() if not k.startswith("diffusion.")}
+        missing = set(own) ^ set(state)
+        if missing:
+            raise CheckpointError(f"weights in {directory} do not match its config: {sorted(missing)[:5]}")
+        tok.load_state_dict({**tok.state_dict(), **state}, strict=True)
+        return tok.eval()

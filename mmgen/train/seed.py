@@ -1,0 +1,206 @@
+"""Training for the SEED stack, each part from its recipe, through accelerate like every mmgen trainer:
+
+1. ``train_clip``: the small open_clip CLIP on shapes-world (image, caption) pairs (contrastive).
+2. ``train_seed_tokenizer``: SEED's two stages on the frozen CLIP vision tower (stage 1: the causal
+   Q-Former's final embedding aligned with the caption; stage 2: the codebook and the reconstruction of the
+   causal embeddings and of the CLIP image embedding), one run, the stage switching at ``stage1_steps``.
+3. ``train_seed_decoder``: the latent-diffusion decoder conditioned on the quantised SEED embedding.
+
+All of them write atomic training state every ``save_every`` steps and ``--resume`` from it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from mmgen.data.shapes_data import world_batches
+from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state
+
+log = logging.getLogger(__name__)
+
+
+def _accelerator():
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def run_loop(name: str, module: torch.nn.Module, params, recipe: dict, out: Path,
+             batches: Callable[[int, int], Iterator], loss_fn: Callable, save: Callable[[torch.nn.Module], None],
+             steps: int | None, resume: bool, progress: bool, on_step: Callable | None = None) -> int:
+    """The shared loop: cosine LR, AdamW on ``params``, gradient clipping, metrics, atomic resumable state.
+
+    ``batches(seed, rank)`` gives endless batches; ``loss_fn(prepared_module, batch, step)`` returns
+    (loss, metrics dict); ``save(module)`` writes the result part; ``on_step(module, step)`` runs after each
+    optimiser step (stage switches). Returns the final step."""
+    tr = recipe.get("training", {})
+    steps = steps or int(tr.get("steps", 1000))
+    seed = int(tr.get("seed", 0))
+    acc = _accelerator()
+    torch.manual_seed(seed)
+    lr = float(tr.get("lr", 1e-3))
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=float(tr.get("weight_decay", 0.0)))
+    state_dir = out / "train_state"
+    step, extra = 0, {}
+    if resume and (state_dir.exists() or state_dir.with_name("train_state.old").exists()):
+        step, extra = load_train_state(state_dir, module, opt)
+        log.info("resumed %s from step %d", name, step)
+        if on_step is not None:
+            on_step(module, step)
+    model, opt = acc.prepare(module, opt)
+    unwrapped = acc.unwrap_model(model)
+    data = batches(seed * 7919 + step, acc.process_index)  # a resumed run continues on fresh samples
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
+    minutes0 = float(extra.get("minutes", 0.0))
+    save_every, log_every = int(tr.get("save_every", 100)), int(tr.get("log_every", 10))
+    bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc=name)
+    while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, int(tr.get("warmup", 50)))
+        loss, row = loss_fn(model, next(data), step)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        step += 1
+        if on_step is not None:
+            on_step(unwrapped, step)
+        if step % log_every == 0:
+            metrics.log(step, minutes0, loss=loss.item(), lr=opt.param_groups[0]["lr"], **row)
+            bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{float(v):.3f}" for k, v in row.items()})
+        bar.update(1)
+        if acc.is_main_process and (step % save_every == 0 or step == steps):
+            save_train_state(state_dir, unwrapped, opt, step, {"minutes": minutes0 + (time.time() - metrics.start) / 60})
+            save(unwrapped)
+        acc.wait_for_everyone()
+    bar.close()
+    return step
+
+
+def _shapes_batches(batch_size: int, image_size: int = 64):
+    return lambda seed, rank: world_batches(batch_size, seed, image_size, paraphrase=True, rank=rank)
+
+
+def build_clip(recipe: dict):
+    from mmgen.tokenizers.clip_shapes import CLIP_CONFIGS, ShapesCLIP
+
+    arch = recipe.get("architecture", {})
+    cfg = arch.get("open_clip_config") or CLIP_CONFIGS[arch.get("size", "base")]
+    return ShapesCLIP(cfg)
+
+
+def train_clip(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
+               progress: bool = True) -> Path:
+    recipe = read_yaml(recipe_path)
+    out = Path(output)
+    clip = build_clip(recipe)
+    batch = int(recipe.get("training", {}).get("batch_size", 128))
+
+    def loss_fn(model, data, step):
+        x, captions = data
+        loss, acc = model(x, captions)
+        return loss, {"acc": acc.item()}
+
+    run_loop("clip", clip, clip.parameters(), recipe, out, _shapes_batches(batch, clip.image_size), loss_fn,
+             lambda m: m.save_pretrained(out / "clip"), steps, resume, progress)
+    return out / "clip"
+
+
+def build_seed(recipe: dict, clip_dir: str, vae_dir: str | None = None, with_decoder: bool = False):
+    from dataclasses import asdict
+
+    from mmgen.tokenizers.clip_shapes import ShapesCLIP
+    from mmgen.tokenizers.seed import SEED_CONFIGS, SEEDConfig, SEEDTokenizer
+    from mmgen.tokenizers.vq_image import VQImageTokenizer
+
+    arch = dict(recipe.get("architecture", {}))
+    base = SEED_CONFIGS[arch.pop("size", "base")]
+    try:
+        cfg = SEEDConfig(**{**asdict(base), **arch, **recipe.get("codebook", {}), **recipe.get("decoder", {})})
+    except TypeError as e:
+        raise ValueError(f"recipe has an unknown SEED setting: {e}") from e
+    if isinstance(cfg.unet_channels, list):
+        cfg.unet_channels = tuple(cfg.unet_channels)
+    vae = VQImageTokenizer.from_pretrained(vae_dir) if vae_dir else None
+    return SEEDTokenizer(cfg, ShapesCLIP.from_pretrained(clip_dir), vae, with_decoder=with_decoder)
+
+
+def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: int | None = None,
+                         resume: bool = False, progress: bool = True) -> Path:
+    """SEED stages 1 and 2 in one run: alignment only for ``stage1_steps``, then codebook + reconstruction."""
+    recipe = read_yaml(recipe_path)
+    tr = recipe.get("training", {})
+    out = Path(output)
+    tok = build_seed(recipe, clip_dir)
+    stage1 = int(tr.get("stage1_steps", 300))
+    restart_every = int(tr.get("restart_every", 20))
+    batch = int(tr.get("batch_size", 128))
+    gen = torch.Generator().manual_seed(int(tr.get("seed", 0)) + 1)
+    last_codes: dict = {}
+
+    def loss_fn(model, data, step):
+        x, captions = data
+        stage = 1 if step < stage1 else 2
+        if step == stage1:  # the usage window starts empty: the first restart seeds every code from real latents
+            tok.quantizer.window_hits.zero_()
+        loss, row = model(x, captions, stage)
+        if stage == 2:
+            with torch.no_grad():
+                last_codes["z"] = tok.to_code(tok.causal_embeddings(x[:32])).detach()
+        return loss, row
+
+    def on_step(module, step):
+        if step > stage1 and (step == stage1 + 1 or step % restart_every == 0) and "z" in last_codes:
+            from einops import rearrange
+
+            module.quantizer.restart_dead_codes(rearrange(last_codes["z"], "b n d -> b d 1 n"), gen)
+
+    trainable = [p for n, p in tok.named_parameters() if not n.startswith("clip.")]
+    run_loop("seed-tokenizer", tok, trainable, recipe, out, _shapes_batches(batch, tok.config.image_size), loss_fn,
+             lambda m: m.save_pretrained(out / "tokenizer"), steps, resume, progress, on_step)
+    return out / "tokenizer"
+
+
+def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, output: str, steps: int | None = None,
+                       resume: bool = False, progress: bool = True) -> Path:
+    """The latent-diffusion decoder on the frozen SEED tokenizer and VAE; writes a complete SEED tokenizer."""
+    from mmgen.tokenizers.seed import SEEDTokenizer
+    from mmgen.tokenizers.vq_image import VQImageTokenizer
+
+    recipe = read_yaml(recipe_path)
+    tr = recipe.get("training", {})
+    out = Path(output)
+    base = SEEDTokenizer.from_pretrained(tokenizer_dir, with_decoder=False)
+    for k, v in recipe.get("decoder", {}).items():
+        if not hasattr(base.config, k):
+            raise ValueError(f"recipe has an unknown decoder setting {k!r}")
+        setattr(base.config, k, tuple(v) if isinstance(v, list) else v)
+    tok = SEEDTokenizer(base.config, base.clip, VQImageTokenizer.from_pretrained(vae_dir), with_decoder=True)
+    tok.load_state_dict({**tok.state_dict(), **base._own_state()})
+    for n, p in tok.named_parameters():
+        p.requires_grad_(n.startswith("diffusion."))
+    batch = int(tr.get("batch_size", 32))
+    gen = torch.Generator().manual_seed(int(tr.get("seed", 0)) + 2)
+
+    class Wrapper(torch.nn.Module):  # forward = the decoder loss, so DDP syncs it
+        def __init__(self, t):
+            super().__init__()
+            self.t = t
+
+        def forward(self, x):
+            return self.t.decoder_loss(x, gen)
+
+    def loss_fn(model, data, step):
+        return model(data[0]), {}
+
+    wrapper = Wrapper(tok)
+    run_loop("seed-decoder", wrapper, list(tok.diffusion.parameters()), recipe, out,
+             _shapes_batches(batch, tok.config.image_size), loss_fn,
+             lambda m: m.t.save_pretrained(out / "tokenizer"), steps, resume, progress)
+    return out / "tokenizer"

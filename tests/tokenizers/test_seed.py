@@ -1,0 +1,215 @@
+"""SEED stack on debug sizes: the open_clip CLIP, the causal Q-Former tokenizer, the diffusion decoder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgen.data.shapes_data import world_batches
+from mmgen.tokenizers.base import CheckpointError
+from mmgen.tokenizers.clip_shapes import CLIP_CONFIGS, ShapesCLIP
+from mmgen.tokenizers.seed import SEED_CONFIGS, SEEDConfig, SEEDTokenizer
+from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def debug_vae() -> VQImageTokenizer:
+    return VQImageTokenizer(VQImageConfig(**{**VQ_IMAGE_CONFIGS["debug"].__dict__, "image_size": 64}))
+
+
+def debug_seed(with_decoder: bool = True, seed: int = 0) -> SEEDTokenizer:
+    torch.manual_seed(seed)
+    clip = ShapesCLIP(CLIP_CONFIGS["debug"])
+    vae = debug_vae()
+    cfg = SEEDConfig(**{**SEED_CONFIGS["debug"].__dict__})
+    return SEEDTokenizer(cfg, clip, vae, with_decoder=with_decoder).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return next(world_batches(6, seed=3))
+
+
+def test_clip_round_trip_and_learns(tmp_path, batch):
+    torch.manual_seed(0)
+    clip = ShapesCLIP(CLIP_CONFIGS["debug"])
+    x, captions = batch
+    opt = torch.optim.AdamW(clip.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):  # the same batch: contrastive loss must fall as the towers learn to pair them
+        loss, _ = clip(x, captions)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first * 0.7
+    clip.eval().save_pretrained(tmp_path / "clip")
+    again = ShapesCLIP.from_pretrained(tmp_path / "clip")
+    torch.testing.assert_close(again.clip_score(x, captions), clip.clip_score(x, captions))
+    with pytest.raises(ValueError, match="non-empty"):
+        clip.encode_text(["", "a red circle"])
+    with pytest.raises(ValueError, match="64x64"):
+        clip.encode_image(torch.rand(1, 3, 32, 32))
+
+
+def test_seed_ids_layout_and_causality(batch):
+    tok = debug_seed(with_decoder=False)
+    x, _ = batch
+    ids = tok.encode(x)
+    n = tok.config.num_queries
+    assert ids.shape == (len(x), n) and ids.dtype == torch.long
+    assert tok.layout.kind == "causal1d" and tok.layout.num_tokens == n
+    assert 0 <= int(ids.min()) and int(ids.max()) < tok.vocab_size
+    # causal Q-Former: query i never sees queries after it, so changing query j leaves embeddings < j alone
+    with torch.no_grad():
+        before = tok.causal_embeddings(x)
+        tok.qformer.queries[5:] += torch.randn_like(tok.qformer.queries[5:])
+        after = tok.causal_embeddings(x)
+    torch.testing.assert_close(after[:, :5], before[:, :5])
+    assert (after[:, 5:] - before[:, 5:]).abs().max() > 1e-3
+
+
+def test_seed_causal_mask_is_load_bearing(batch):
+    """The test above would fail with the mask dropped: check that it does."""
+    tok = debug_seed(with_decoder=False)
+    tok.qformer.causal.zero_()  # False everywhere: every query sees every other
+    x, _ = batch
+    with torch.no_grad():
+        before = tok.causal_embeddings(x)
+        tok.qformer.queries[5:] += torch.randn_like(tok.qformer.queries[5:])
+        after = tok.causal_embeddings(x)
+    assert (after[:, :5] - before[:, :5]).abs().max() > 1e-4
+
+
+def test_seed_decode_seeded_and_save_load(tmp_path, batch):
+    tok = debug_seed()
+    x, _ = batch
+    ids = tok.encode(x[:2])
+    a = tok.decode(ids, torch.Generator().manual_seed(1))
+    b = tok.decode(ids, torch.Generator().manual_seed(1))
+    c = tok.decode(ids, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    assert a.shape == (2, 3, 64, 64) and 0 <= float(a.min()) and float(a.max()) <= 1
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(c[0], a[0])
+    tok.save_pretrained(tmp_path / "seed")
+    again = SEEDTokenizer.from_pretrained(tmp_path / "seed")
+    assert torch.equal(again.encode(x[:2]), ids)
+    torch.testing.assert_close(again.decode(ids, torch.Generator().manual_seed(1)), a)
+    with pytest.raises(ValueError, match="lie in"):
+        tok.decode(torch.full((1, tok.config.num_queries), tok.vocab_size))
+    with pytest.raises(ValueError, match=r"\(batch, 8\)"):
+        tok.decode(ids[:, :3])
+    with pytest.raises(ValueError, match="64x64"):
+        tok.encode(torch.rand(1, 3, 48, 48))
+
+
+def test_seed_checkpoint_errors(tmp_path, batch):
+    tok = debug_seed()
+    tok.save_pretrained(tmp_path / "seed")
+    (tmp_path / "seed" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="diffusion"):
+        SEEDTokenizer.from_pretrained(tmp_path / "seed")
+    no_dec = debug_seed(with_decoder=False)
+    no_dec.save_pretrained(tmp_path / "plain")
+    plain = SEEDTokenizer.from_pretrained(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="no trained diffusion decoder"):
+        plain.decode(plain.encode(batch[0][:1]))
+    (tmp_path / "plain" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        SEEDTokenizer.from_pretrained(tmp_path / "plain")
+
+
+def test_offline_nothing_downloads(tmp_path):
+    """Building, saving, loading and running the whole SEED tokenizer with the hub off and sockets refused."""
+    script = textwrap.dedent(f"""
+        import socket
+        def refuse(*a, **k):
+            raise RuntimeError("network access attempted")
+        socket.socket.connect = refuse
+        socket.create_connection = refuse
+        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from test_seed import debug_seed
+        from mmgen.tokenizers.seed import SEEDTokenizer
+        tok = debug_seed()
+        tok.save_pretrained({str(tmp_path / 'off')!r})
+        again = SEEDTokenizer.from_pretrained({str(tmp_path / 'off')!r})
+        ids = again.encode(torch.rand(1, 3, 64, 64))
+        print(again.decode(ids, torch.Generator().manual_seed(0)).shape)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([1, 3, 64, 64])" in out.stdout
+
+
+def test_seed_training_chain_and_resume(tmp_path, capsys):
+    """clip -> seed-tokenizer (both stages) -> seed-decoder -> AR that draws and sees, through the CLI, with
+    resume; then pack, draw an image and caption it."""
+    def recipe(name, text):
+        (tmp_path / name).write_text(textwrap.dedent(text))
+        return str(tmp_path / name)
+
+    clip = recipe("clip.yaml", """
+        architecture: {size: debug}
+        training: {steps: 2, batch_size: 8, save_every: 1, log_every: 1}""")
+    seed = recipe("seed.yaml", """
+        architecture: {size: debug}
+        training: {steps: 4, stage1_steps: 2, batch_size: 8, save_every: 1, log_every: 1, restart_every: 1}""")
+    dec = recipe("dec.yaml", """
+        decoder: {unet_channels: [16, 32], sample_steps: 2}
+        training: {steps: 2, batch_size: 4, save_every: 1, log_every: 1}""")
+    ar = recipe("ar.yaml", """
+        architecture: {size: debug}
+        training: {steps: 2, batch_size: 4, see_batch: 4, save_every: 1, log_every: 1}""")
+    from mmgen.cli import main
+
+    vae = tmp_path / "vae"
+    torch.manual_seed(0)
+    debug_vae().save_pretrained(vae)
+    assert main(["train", "clip", "--recipe", clip, "--output", str(tmp_path / "clip")]) == 0
+    assert main(["train", "clip", "--recipe", clip, "--output", str(tmp_path / "clip"), "--steps", "3",
+                 "--resume"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # resumed at step 2, not from scratch
+    assert main(["train", "seed-tokenizer", "--recipe", seed, "--clip", str(tmp_path / "clip" / "clip"),
+                 "--output", str(tmp_path / "tok")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines()]
+    assert "align" in rows[0] and "vq" not in rows[0] and "vq" in rows[-1]  # stage 1, then stage 2
+    assert main(["train", "seed-decoder", "--recipe", dec, "--tokenizer", str(tmp_path / "tok" / "tokenizer"),
+                 "--vae", str(vae), "--output", str(tmp_path / "dec")]) == 0
+    assert main(["train", "ar", "--recipe", ar, "--tokenizer", str(tmp_path / "tok" / "tokenizer"),
+                 "--output", str(tmp_path / "ar")]) == 0
+    assert main(["pack", "--pipeline", str(tmp_path / "ar" / "pipeline"), "--tokenizer",
+                 str(tmp_path / "dec" / "tokenizer"), "--output", str(tmp_path / "ckpt")]) == 0
+    index = json.loads((tmp_path / "ckpt" / "model_index.json").read_text())
+    assert index["tasks"] == ["draw", "see"]
+    png = tmp_path / "x.png"
+    assert main(["image", "a large red circle at the top left on a black background", "--checkpoint",
+                 str(tmp_path / "ckpt"), "-o", str(png), "--seed", "0", "--quiet"]) == 0
+    first = png.read_bytes()
+    assert main(["image", "a large red circle at the top left on a black background", "--checkpoint",
+                 str(tmp_path / "ckpt"), "-o", str(png), "--seed", "0", "--quiet"]) == 0
+    assert png.read_bytes() == first  # same seed: same tokens and same diffusion noise
+    capsys.readouterr()
+    assert main(["caption", str(png), str(png), "--checkpoint", str(tmp_path / "ckpt")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # one caption per image (an untrained model's bytes)
+    # a pack that swaps in a tokenizer with another codebook is refused
+    other = debug_seed(seed=5)
+    other.save_pretrained(tmp_path / "other")
+    assert main(["pack", "--pipeline", str(tmp_path / "ar" / "pipeline"), "--tokenizer", str(tmp_path / "other"),
+                 "--output", str(tmp_path / "bad")]) == 2
+    assert "another codebook" in capsys.readouterr().err
+    # a draw-only checkpoint cannot caption
+    assert main(["pack", "--pipeline", str(tmp_path / "ar" / "pipeline"), "--output", str(tmp_path / "draw")]) == 0
+    index = json.loads((tmp_path / "draw" / "model_index.json").read_text())
+    (tmp_path / "draw" / "model_index.json").write_text(json.dumps({**index, "tasks": ["draw"]}))
+    assert main(["caption", str(png), "--checkpoint", str(tmp_path / "draw")]) == 2
+    assert "not trained to write captions" in capsys.readouterr().err
