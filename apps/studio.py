@@ -1,7 +1,8 @@
 """mmgen studio: the Gradio web app. Run ``mmgen studio`` (or ``python apps/studio.py``) and open the URL.
 
-One tab per task that has a working checkpoint (text-to-image today), plus a compare tab that runs the same
-prompt and seed under two settings side by side. Every image comes from the same pipeline the CLI and the
+One tab per task that has a working checkpoint (text-to-image; image-to-text where a checkpoint's model also
+sees, e.g. checkpoints/seed), plus a compare tab that runs the same prompt and seed under two settings side by
+side. Every image comes from the same pipeline the CLI and the
 Python API use; image k of a request is seeded ``seed + k``, so the studio, ``mmgen image --seed`` and the API
 agree image for image.
 
@@ -9,7 +10,8 @@ Safe defaults: binds 127.0.0.1 (``--host``/``--port``, else GRADIO_SERVER_NAME /
 share link unless ``--share``, a queue of bounded size that runs one generation at a time (two CPU cores:
 more would only slow each request down), bounded prompts and image counts, and nothing served but the
 images it made. Scripted use: the text-to-image event is ``api_name="generate_image"``, taking
-``(prompt, seed, ...)`` and returning ``(image, gallery, record)``.
+``(prompt, seed, ...)`` and returning ``(image, gallery, record)``; captioning is ``api_name="caption_image"``,
+taking ``(image, checkpoint)`` and returning the caption.
 """
 from __future__ import annotations
 
@@ -77,6 +79,36 @@ class Studio:
                     self._pipes.pop(next(iter(self._pipes)))
                 self._pipes[key] = TextToImagePipeline.from_pretrained(checkpoint)
             return self._pipes[key]
+
+    def captioners(self) -> list[str]:
+        """The checkpoints whose model also writes captions (model_index.json lists the "see" task)."""
+        out = []
+        for c in self.checkpoints:
+            try:
+                if "see" in read_index(c).get("tasks", []):
+                    out.append(c)
+            except CheckpointError:
+                continue
+        return out
+
+    def caption(self, image, checkpoint: str) -> str:
+        """One caption for one image; raises gr.Error with a readable message."""
+        from mmgen.pipelines.image_to_text import ImageToTextPipeline
+
+        try:
+            if image is None:
+                raise ValueError("upload an image first")
+            with self._lock:
+                pipe = self.pipeline(checkpoint)
+                size = pipe.tokenizer.config.image_size
+                if image.size != (size, size):
+                    raise ValueError(f"this checkpoint reads {size}x{size} images, got {image.size[0]}x{image.size[1]}")
+                return ImageToTextPipeline(pipe.tokenizer, pipe.model, pipe.tasks)([image.convert("RGB")]).captions[0]
+        except (CheckpointError, ValueError, OSError) as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:
+            log.exception("captioning failed")
+            raise gr.Error(f"captioning failed: {type(e).__name__}: {e}") from None
 
     def samplers(self, checkpoint: str) -> list[str]:
         """Sampler choices the checkpoint supports (Distilled Decoding only where it ships a student)."""
@@ -226,6 +258,21 @@ def build_app(checkpoints: list[str] | None = None, allow_custom: bool = False) 
             inputs = [prompt, seed, *controls]
             button.click(run, inputs, [image, gallery, record], api_name="generate_image")
             prompt.submit(run, inputs, [image, gallery, record], api_visibility="private")
+
+        seers = studio.captioners()
+        if seers:
+            with gr.Tab("Image to text"):
+                gr.Markdown("The model that draws also sees: the image's SEED tokens, then a caption written byte "
+                            "by byte (greedy).")
+                with gr.Row():
+                    with gr.Column():
+                        cap_image = gr.Image(label="image", type="pil", elem_id="caption-image", height=200)
+                        cap_ckpt = gr.Dropdown(seers, value=seers[0], label="checkpoint",
+                                               allow_custom_value=allow_custom)
+                        cap_button = gr.Button("Caption", variant="primary", elem_id="caption")
+                    with gr.Column():
+                        cap_text = gr.Textbox(label="caption", elem_id="caption-text", interactive=False)
+                cap_button.click(studio.caption, [cap_image, cap_ckpt], cap_text, api_name="caption_image")
 
         with gr.Tab("Compare"):
             gr.Markdown("The same prompt and seed under two settings, side by side.")

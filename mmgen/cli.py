@@ -133,18 +133,19 @@ def cmd_train(args) -> int:
         from mmgen.train import seed as seed_train
 
         if args.what == "clip":
-            path = seed_train.train_clip(args.recipe, args.output, steps=args.steps, resume=args.resume)
+            path = seed_train.train_clip(args.recipe, args.output, steps=args.steps, resume=args.resume,
+                                         max_minutes=args.max_minutes)
         elif args.what == "seed-tokenizer":
             if not args.clip:
                 raise SystemExit("error: mmgen train seed-tokenizer needs --clip DIR (a trained CLIP)")
             path = seed_train.train_seed_tokenizer(args.recipe, args.clip, args.output, steps=args.steps,
-                                                   resume=args.resume)
+                                                   resume=args.resume, max_minutes=args.max_minutes)
         else:
             if not (args.tokenizer and args.vae):
                 raise SystemExit("error: mmgen train seed-decoder needs --tokenizer DIR (SEED) and --vae DIR "
                                  "(the image autoencoder whose latents it diffuses)")
             path = seed_train.train_seed_decoder(args.recipe, args.tokenizer, args.vae, args.output,
-                                                 steps=args.steps, resume=args.resume)
+                                                 steps=args.steps, resume=args.resume, max_minutes=args.max_minutes)
         print(path)
         return 0
     if args.what == "tokenizer":
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="a folder of images with metadata.jsonl instead of the world")
     tr.add_argument("--steps", type=int, help="override the recipe's step count (dd: student steps, default 1500)")
     tr.add_argument("--seed", type=int, help="override the recipe's seed")
-    tr.add_argument("--max-minutes", type=float, help="(ar, dd) stop and save after this many minutes")
+    tr.add_argument("--max-minutes", type=float, help="(all but tokenizer) stop and save after this many minutes")
     tr.add_argument("--teacher", help="(dd) the text-to-image checkpoint to distil")
     tr.add_argument("--pairs", type=int, default=4096, help="(dd) teacher (prompt, noise, tokens) pairs (default 4096)")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")

@@ -65,3 +65,40 @@ def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank
             arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in rows["image"]])
             yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, list(rows["text"])
         epoch += 1
+
+
+def perturb_scene(objects, background: str, rng) -> list:
+    """The scene with exactly one attribute of one object changed (cell, shape, size or colour), still a valid
+    scene (one object per cell): what a hard-negative caption describes."""
+    objs = [shapes.ShapeObject(o.color, o.shape, o.size, o.cell) for o in objects]
+    i = rng.randrange(len(objs))
+    o = objs[i]
+    kind = rng.choice(("cell", "cell", "shape", "size", "color"))  # position is the hardest to learn: twice
+    if kind == "cell":
+        free = [c for c in range(9) if c not in {p.cell for p in objs}]
+        o.cell = rng.choice(free)
+    elif kind == "shape":
+        o.shape = rng.choice([s for s in shapes.SHAPES if s != o.shape])
+    elif kind == "size":
+        o.size = "small" if o.size == "large" else "large"
+    else:
+        o.color = rng.choice([c for c in shapes.COLORS if c != o.color])
+    return objs
+
+
+def contrastive_batches(batch_size: int, seed: int, size: int = 64, rank: int = 0,
+                        exclude_combos=shapes.HELD_OUT_COMBOS) -> Iterator[tuple[torch.Tensor, list[str], list[str]]]:
+    """Endless (images, captions, hard-negative captions) from the shapes world. Captions are paraphrased as in
+    training; each negative describes the same scene with one attribute of one object changed (NegCLIP-style
+    hard negatives: in-batch negatives alone rarely differ only in position, so a CLIP never has to learn it)."""
+    import random
+
+    rng = random.Random(seed * 1000 + rank + 5)
+    stream = shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=True, exclude_combos=exclude_combos)
+    while True:
+        chunk = list(itertools.islice(stream, batch_size))
+        arr = np.stack([np.asarray(s.image) for s in chunk])
+        negatives = [shapes.paraphrase_caption(perturb_scene(s.objects, s.background, rng), s.background, rng)
+                     if rng.random() < 0.7 else shapes.canonical_caption(perturb_scene(s.objects, s.background, rng),
+                                                                         s.background) for s in chunk]
+        yield (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk], negatives)

@@ -65,6 +65,16 @@ def register_config(model_cfg: dict) -> str:
     return name
 
 
+def contrastive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image embeddings (b, e) against text embeddings (b + m, e): the first b texts are the
+    images' captions, any further ones extra negatives that only the image->text direction ranks."""
+    b = img.shape[0]
+    logits = scale * img @ txt.t()                                     # (b, b + m)
+    target = torch.arange(b, device=img.device)
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].t(), target)) / 2
+    return loss, (logits.argmax(1) == target).float().mean()
+
+
 class ShapesCLIP(nn.Module):
     """open_clip CLIP + its tokenizer. Images are (b, 3, 64, 64) in [0, 1] (or PIL), captions strings."""
 
@@ -117,17 +127,17 @@ class ShapesCLIP(nn.Module):
         ids = self.tokenizer(list(captions)).to(self.device)
         return self.model.encode_text(ids, normalize=normalize)
 
-    def contrastive_loss(self, images, captions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Symmetric InfoNCE over the batch (CLIP's loss); returns (loss, image->text top-1 accuracy)."""
-        img, txt = self.encode_image(images), self.encode_text(captions)
-        logits = self.model.logit_scale.exp() * img @ txt.t()
-        target = torch.arange(len(logits), device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        return loss, (logits.argmax(1) == target).float().mean()
+    def contrastive_loss(self, images, captions, negatives=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric InfoNCE over the batch (CLIP's loss); with ``negatives`` (one hard-negative caption per
+        image) the image->text direction also has to rank its caption above every negative. Returns (loss,
+        image->text top-1 accuracy)."""
+        img = self.encode_image(images)
+        txt = self.encode_text(list(captions) + list(negatives or []))
+        return contrastive(img, txt, self.model.logit_scale.exp())
 
-    def forward(self, images, captions) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images, captions, negatives=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training entry (goes through forward so DistributedDataParallel syncs it): the contrastive loss."""
-        return self.contrastive_loss(images, captions)
+        return self.contrastive_loss(images, captions, negatives)
 
     @torch.no_grad()
     def clip_score(self, images, captions) -> torch.Tensor:

@@ -14,10 +14,15 @@ Training follows the paper's two stages at small scale (``mmgen.train.seed``):
 1. the Q-Former's final causal embedding is aligned with the caption by a contrastive loss;
 2. the codebook is learnt: codes -> reconstructed causal embeddings (cosine) and -> CLIP image embedding
    (cosine), plus the VQ commitment loss.
-Simplifications, all measured by the model card rather than assumed harmless:
-- The caption side of stage 1 is the frozen CLIP text tower (SEED uses BLIP-2's Q-Former text encoder).
-- In stage 2 the Q-Former keeps training (SEED freezes it) with the stage-1 loss still on, so the
-  reconstruction losses can move information into the codes; the causal-embedding target is detached.
+Simplifications and changes, all measured by the model card rather than assumed harmless:
+- The caption side of stage 1 is a small word-level transformer trained with the Q-Former
+  (``CaptionEncoder``; SEED trains BLIP-2's Q-Former text transformer there), and the contrastive loss also
+  ranks a hard-negative caption per image (the same scene with one attribute changed). In-batch negatives
+  alone left the project's CLIP blind to position; captions name positions, so the tokens must carry them.
+- The Q-Former adds a learnt position embedding to the ViT features before cross-attention.
+- In stage 2 the Q-Former keeps training (SEED freezes it) with the stage-1 loss still on, and the same
+  alignment is also asked of the embedding reconstructed from the codes, so the 32 codes themselves carry
+  the caption; the causal-embedding reconstruction target is detached.
 - The codebook has ``codebook_size`` entries (1024 by default; the paper's 8192 is for natural images).
 - The generation embedding is this CLIP's image embedding, not unCLIP-SD's, and the diffusion decoder is
   trained here on the world with the tokenizer frozen.
@@ -36,7 +41,7 @@ from torch import nn
 
 from mmgen.tokenizers.base import (CheckpointError, TokenLayout, Tokenizer, load_part, load_state_strict,
                                    save_part)
-from mmgen.tokenizers.clip_shapes import ShapesCLIP
+from mmgen.tokenizers.clip_shapes import ShapesCLIP, contrastive
 from mmgen.tokenizers.quantizers import VectorQuantizer
 from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
 
@@ -54,6 +59,8 @@ class SEEDConfig:
     code_dim: int = 32
     beta: float = 0.25
     decoder_layers: int = 2
+    align_dim: int = 128          # joint space of the stage-1 alignment (caption encoder <-> final causal query)
+    caption_words: tuple = ()     # the caption encoder's word list (built from the world's phrasings when empty)
     # the diffusion decoder
     unet_channels: tuple = (64, 128, 192)
     unet_heads: int = 4
@@ -88,10 +95,64 @@ class QFormerBlock(nn.Module):
         return q + self.mlp(self.ln3(q))
 
 
+def world_caption_words() -> tuple[str, ...]:
+    """Every word the shapes world's captions use (training and held-out phrasings), sorted."""
+    import random
+    import re
+
+    from mmgen.worlds import shapes
+
+    words = set()
+    rng = random.Random(0)
+    for s in shapes.generate(3000, seed=0, paraphrase=True):
+        words.update(re.findall(r"[a-z]+", s.caption.lower()))
+        words.update(re.findall(r"[a-z]+", shapes.paraphrase_caption(s.objects, s.background, rng, True).lower()))
+    return tuple(sorted(words))
+
+
+class CaptionEncoder(nn.Module):
+    """The text side of stage-1 alignment (SEED trains BLIP-2's Q-Former text transformer here): word
+    embeddings over the world's caption words (unknown words share one id), a small transformer, attention
+    pooling, a projection into the alignment space. Used in training only; it never sees the AR model."""
+
+    def __init__(self, c: SEEDConfig, width: int = 128, layers: int = 2, max_words: int = 48):
+        super().__init__()
+        self.index = {w: i + 2 for i, w in enumerate(c.caption_words)}  # 0: pad, 1: unknown
+        self.max_words = max_words
+        self.embed = nn.Embedding(len(c.caption_words) + 2, width, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(max_words, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True,
+                                           activation="gelu")
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.pool_query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pool = nn.MultiheadAttention(width, 4, batch_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, c.align_dim))
+
+    def ids(self, captions: list[str]) -> torch.Tensor:
+        import re
+
+        rows = [[self.index.get(w, 1) for w in re.findall(r"[a-z]+", c.lower())][:self.max_words] for c in captions]
+        out = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return out.to(self.pos.device)
+
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        ids = self.ids(captions)
+        pad = ids == 0
+        h = self.body(self.embed(ids) + self.pos[:ids.shape[1]], src_key_padding_mask=pad)
+        pooled = self.pool(self.pool_query.expand(len(ids), -1, -1), h, h, key_padding_mask=pad,
+                           need_weights=False)[0][:, 0]
+        return F.normalize(self.out(pooled), dim=-1)
+
+
 class CausalQFormer(nn.Module):
-    def __init__(self, c: SEEDConfig):
+    def __init__(self, c: SEEDConfig, num_features: int = 64):
         super().__init__()
         self.feat_proj = nn.Sequential(nn.LayerNorm(c.feature_dim), nn.Linear(c.feature_dim, c.width))
+        # where each ViT patch sits, added again before cross-attention: the features' own position signal
+        # fades through the ViT (a contrastive CLIP barely needs it), and captions name positions
+        self.feat_pos = nn.Parameter(torch.randn(num_features, c.width) * 0.02)
         self.queries = nn.Parameter(torch.randn(c.num_queries, c.width) * 0.02)
         self.blocks = nn.ModuleList(QFormerBlock(c.width, c.heads) for _ in range(c.layers))
         self.ln_out = nn.LayerNorm(c.width)
@@ -100,7 +161,7 @@ class CausalQFormer(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(b, n_patches, feature_dim) -> causal embeddings (b, num_queries, width); query i sees queries <= i."""
-        f = self.feat_proj(features)
+        f = self.feat_proj(features) + self.feat_pos[:features.shape[1]]
         q = self.queries.unsqueeze(0).expand(f.shape[0], -1, -1)
         for blk in self.blocks:
             q = blk(q, f, self.causal)
@@ -212,10 +273,15 @@ class SEEDTokenizer(Tokenizer):
         if vae is not None and vae.config.image_size != config.image_size:
             raise ValueError(f"the VAE takes {vae.config.image_size}px images, SEED config says {config.image_size}")
         config.feature_dim, config.embed_dim = clip.feature_dim, clip.embed_dim
+        if not config.caption_words:
+            config.caption_words = world_caption_words()
+        config.caption_words = tuple(config.caption_words)
         self.config = config
         self.clip = clip.eval().requires_grad_(False)
-        self.qformer = CausalQFormer(config)
-        self.align_proj = nn.Linear(config.width, config.embed_dim)
+        patches = (clip.image_size // int(clip.model_cfg["vision_cfg"]["patch_size"])) ** 2
+        self.qformer = CausalQFormer(config, patches)
+        self.caption_encoder = CaptionEncoder(config)
+        self.align_proj = nn.Linear(config.width, config.align_dim)
         self.align_logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
         self.to_code = nn.Linear(config.width, config.code_dim)
         self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.beta)
@@ -272,19 +338,19 @@ class SEEDTokenizer(Tokenizer):
 
     # ---- training losses (through forward, so DDP syncs them) ----------------------------------------
     def alignment_loss(self, emb: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contrastive loss between the final causal embedding and the caption embedding (normalised)."""
+        """Contrastive loss between the final causal embedding and the caption embeddings (normalised; rows
+        past the batch are hard negatives)."""
         img = F.normalize(self.align_proj(emb[:, -1]), dim=-1)
-        logits = self.align_logit_scale.clamp(max=4.6052).exp() * img @ text.t()
-        target = torch.arange(len(logits), device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        return loss, (logits.argmax(1) == target).float().mean()
+        return contrastive(img, text, self.align_logit_scale.clamp(max=4.6052).exp())
 
-    def forward(self, images, captions, stage: int):
-        """-> (loss, metrics). Stage 1: alignment. Stage 2: alignment + VQ + reconstruction of the causal
-        embeddings and of the CLIP image embedding from the codes."""
+    def forward(self, images, captions, stage: int, negatives=None):
+        """-> (loss, metrics). Stage 1: alignment of the final causal embedding with the caption (hard-negative
+        captions ``negatives`` ranked too). Stage 2 adds the VQ loss, the reconstruction of the causal
+        embeddings and of the CLIP image embedding from the codes, and the same alignment from the
+        reconstructed final embedding, so the codes themselves must still retrieve the caption."""
         with torch.no_grad():
             feats, img_emb = self.clip.image_features(images)
-            text = self.clip.encode_text(captions)
+        text = self.caption_encoder(list(captions) + list(negatives or []))
         emb = self.qformer(feats)
         align, acc = self.alignment_loss(emb, text)
         if stage == 1:
@@ -293,9 +359,10 @@ class SEEDTokenizer(Tokenizer):
         recon, gen = self.code_decoder(codes)
         rec = (1 - F.cosine_similarity(recon, emb.detach(), dim=-1)).mean()
         gen_loss = (1 - F.cosine_similarity(gen, img_emb, dim=-1)).mean()
-        loss = align + vq + rec + gen_loss
-        return loss, {"align": align.item(), "acc": acc.item(), "vq": vq.item(), "rec": rec.item(),
-                      "gen": gen_loss.item(), "ppl": ppl.item()}
+        align_q, acc_q = self.alignment_loss(recon, text)
+        loss = align + align_q + vq + rec + gen_loss
+        return loss, {"align": align.item(), "acc": acc.item(), "acc_codes": acc_q.item(), "vq": vq.item(),
+                      "rec": rec.item(), "gen": gen_loss.item(), "ppl": ppl.item()}
 
     def decoder_loss(self, images, generator: torch.Generator | None = None) -> torch.Tensor:
         """The diffusion decoder's loss on images (tokenizer and VAE frozen)."""
@@ -352,8 +419,9 @@ class SEEDTokenizer(Tokenizer):
         directory = Path(directory)
         cfg, state = load_part(directory, expected_type=cls.type_name)
         fields = {k: cfg[k] for k in SEEDConfig.__dataclass_fields__ if k in cfg}
-        if "unet_channels" in fields:
-            fields["unet_channels"] = tuple(fields["unet_channels"])
+        for key in ("unet_channels", "caption_words"):
+            if key in fields:
+                fields[key] = tuple(fields[key])
         has_dec = bool(cfg.get("has_decoder")) if with_decoder is None else with_decoder
         clip = ShapesCLIP.from_pretrained(directory / "clip")
         vae = VQImageTokenizer.from_pretrained(directory / "vae") if (directory / "vae").is_dir() else None

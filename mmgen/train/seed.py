@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from mmgen.data.shapes_data import world_batches
+from mmgen.data.shapes_data import contrastive_batches, world_batches
 from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,13 @@ def _accelerator():
 
 def run_loop(name: str, module: torch.nn.Module, params, recipe: dict, out: Path,
              batches: Callable[[int, int], Iterator], loss_fn: Callable, save: Callable[[torch.nn.Module], None],
-             steps: int | None, resume: bool, progress: bool, on_step: Callable | None = None) -> int:
+             steps: int | None, resume: bool, progress: bool, on_step: Callable | None = None,
+             max_minutes: float | None = None) -> int:
     """The shared loop: cosine LR, AdamW on ``params``, gradient clipping, metrics, atomic resumable state.
 
     ``batches(seed, rank)`` gives endless batches; ``loss_fn(prepared_module, batch, step)`` returns
     (loss, metrics dict); ``save(module)`` writes the result part; ``on_step(module, step)`` runs after each
-    optimiser step (stage switches). Returns the final step."""
+    optimiser step (stage switches); ``max_minutes`` stops early (and saves). Returns the final step."""
     tr = recipe.get("training", {})
     steps = steps or int(tr.get("steps", 1000))
     seed = int(tr.get("seed", 0))
@@ -75,16 +76,26 @@ def run_loop(name: str, module: torch.nn.Module, params, recipe: dict, out: Path
             metrics.log(step, minutes0, loss=loss.item(), lr=opt.param_groups[0]["lr"], **row)
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{float(v):.3f}" for k, v in row.items()})
         bar.update(1)
-        if acc.is_main_process and (step % save_every == 0 or step == steps):
+        out_of_time = max_minutes is not None and (time.time() - metrics.start) / 60 > max_minutes
+        if acc.is_main_process and (step % save_every == 0 or step == steps or out_of_time):
             save_train_state(state_dir, unwrapped, opt, step, {"minutes": minutes0 + (time.time() - metrics.start) / 60})
             save(unwrapped)
         acc.wait_for_everyone()
+        if out_of_time:
+            log.info("stopping %s at step %d: %s minutes reached", name, step, max_minutes)
+            break
     bar.close()
     return step
 
 
 def _shapes_batches(batch_size: int, image_size: int = 64):
     return lambda seed, rank: world_batches(batch_size, seed, image_size, paraphrase=True, rank=rank)
+
+
+def _contrastive_batches(batch_size: int, image_size: int, hard_negatives: bool):
+    if not hard_negatives:
+        return lambda seed, rank: ((x, c, None) for x, c in world_batches(batch_size, seed, image_size, rank=rank))
+    return lambda seed, rank: contrastive_batches(batch_size, seed, image_size, rank)
 
 
 def build_clip(recipe: dict):
@@ -96,19 +107,25 @@ def build_clip(recipe: dict):
 
 
 def train_clip(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
-               progress: bool = True) -> Path:
+               progress: bool = True, max_minutes: float | None = None) -> Path:
     recipe = read_yaml(recipe_path)
     out = Path(output)
+    tr = recipe.get("training", {})
     clip = build_clip(recipe)
-    batch = int(recipe.get("training", {}).get("batch_size", 128))
+    if tr.get("init_from"):  # continue from a trained CLIP (e.g. add hard negatives to a finished run)
+        from mmgen.tokenizers.clip_shapes import ShapesCLIP
+
+        clip.load_state_dict(ShapesCLIP.from_pretrained(tr["init_from"]).state_dict())
+    batch = int(tr.get("batch_size", 128))
 
     def loss_fn(model, data, step):
-        x, captions = data
-        loss, acc = model(x, captions)
+        x, captions, negatives = data
+        loss, acc = model(x, captions, negatives)
         return loss, {"acc": acc.item()}
 
-    run_loop("clip", clip, clip.parameters(), recipe, out, _shapes_batches(batch, clip.image_size), loss_fn,
-             lambda m: m.save_pretrained(out / "clip"), steps, resume, progress)
+    run_loop("clip", clip, clip.parameters(), recipe, out,
+             _contrastive_batches(batch, clip.image_size, bool(tr.get("hard_negatives", True))), loss_fn,
+             lambda m: m.save_pretrained(out / "clip"), steps, resume, progress, max_minutes=max_minutes)
     return out / "clip"
 
 
@@ -132,7 +149,7 @@ def build_seed(recipe: dict, clip_dir: str, vae_dir: str | None = None, with_dec
 
 
 def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: int | None = None,
-                         resume: bool = False, progress: bool = True) -> Path:
+                         resume: bool = False, progress: bool = True, max_minutes: float | None = None) -> Path:
     """SEED stages 1 and 2 in one run: alignment only for ``stage1_steps``, then codebook + reconstruction."""
     recipe = read_yaml(recipe_path)
     tr = recipe.get("training", {})
@@ -145,12 +162,13 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
     last_codes: dict = {}
 
     def loss_fn(model, data, step):
-        x, captions = data
+        x, captions, negatives = data
         stage = 1 if step < stage1 else 2
         if step == stage1:  # the usage window starts empty: the first restart seeds every code from real latents
             tok.quantizer.window_hits.zero_()
-        loss, row = model(x, captions, stage)
-        if stage == 2:
+        loss, row = model(x, captions, stage, negatives)
+        nxt = step + 1  # on_step sees this step number
+        if stage == 2 and (nxt == stage1 + 1 or nxt % restart_every == 0):  # latents for the dead-code restart
             with torch.no_grad():
                 last_codes["z"] = tok.to_code(tok.causal_embeddings(x[:32])).detach()
         return loss, row
@@ -162,13 +180,14 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
             module.quantizer.restart_dead_codes(rearrange(last_codes["z"], "b n d -> b d 1 n"), gen)
 
     trainable = [p for n, p in tok.named_parameters() if not n.startswith("clip.")]
-    run_loop("seed-tokenizer", tok, trainable, recipe, out, _shapes_batches(batch, tok.config.image_size), loss_fn,
-             lambda m: m.save_pretrained(out / "tokenizer"), steps, resume, progress, on_step)
+    run_loop("seed-tokenizer", tok, trainable, recipe, out,
+             _contrastive_batches(batch, tok.config.image_size, bool(tr.get("hard_negatives", True))), loss_fn,
+             lambda m: m.save_pretrained(out / "tokenizer"), steps, resume, progress, on_step, max_minutes)
     return out / "tokenizer"
 
 
 def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, output: str, steps: int | None = None,
-                       resume: bool = False, progress: bool = True) -> Path:
+                       resume: bool = False, progress: bool = True, max_minutes: float | None = None) -> Path:
     """The latent-diffusion decoder on the frozen SEED tokenizer and VAE; writes a complete SEED tokenizer."""
     from mmgen.tokenizers.seed import SEEDTokenizer
     from mmgen.tokenizers.vq_image import VQImageTokenizer
@@ -202,5 +221,5 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
     wrapper = Wrapper(tok)
     run_loop("seed-decoder", wrapper, list(tok.diffusion.parameters()), recipe, out,
              _shapes_batches(batch, tok.config.image_size), loss_fn,
-             lambda m: m.t.save_pretrained(out / "tokenizer"), steps, resume, progress)
+             lambda m: m.t.save_pretrained(out / "tokenizer"), steps, resume, progress, max_minutes=max_minutes)
     return out / "tokenizer"

@@ -23,3 +23,26 @@ def test_user_folder_with_captions(tmp_path):
     images, captions = next(folder_batches(str(tmp_path), 2, seed=0, size=16))
     assert images.shape == (2, 3, 16, 16)
     assert all(c.startswith("picture ") for c in captions)
+
+
+def test_hard_negative_changes_exactly_one_attribute():
+    import random
+
+    from mmgen.data.shapes_data import contrastive_batches, perturb_scene
+    from mmgen.eval.shapes_eval import parse_prompt
+    from mmgen.worlds import shapes
+
+    rng = random.Random(0)
+    for s in shapes.generate(60, seed=8):
+        neg = perturb_scene(s.objects, s.background, rng)
+        diffs = [(a.color != b.color) + (a.shape != b.shape) + (a.size != b.size) + (a.cell != b.cell)
+                 for a, b in zip(s.objects, neg)]
+        assert sorted(diffs) == [0] * (len(diffs) - 1) + [1]
+        assert len({o.cell for o in neg}) == len(neg)
+    x, captions, negatives = next(contrastive_batches(8, seed=1))
+    assert x.shape == (8, 3, 64, 64) and len(captions) == len(negatives) == 8
+    for c, n in zip(captions, negatives):
+        a, b = parse_prompt(c), parse_prompt(n)
+        assert a[1] == b[1] and len(a[0]) == len(b[0])
+        key = lambda objs: sorted((o.color, o.shape, o.size, o.cell) for o in objs)  # noqa: E731
+        assert key(a[0]) != key(b[0])

@@ -213,3 +213,11 @@ def test_seed_training_chain_and_resume(tmp_path, capsys):
     (tmp_path / "draw" / "model_index.json").write_text(json.dumps({**index, "tasks": ["draw"]}))
     assert main(["caption", str(png), "--checkpoint", str(tmp_path / "draw")]) == 2
     assert "not trained to write captions" in capsys.readouterr().err
+
+
+def test_attribute_probes_run_on_debug_models():
+    from mmgen.eval.clip_probe import ATTRIBUTES, attribute_retrieval, seed_attribute_retrieval
+
+    tok = debug_seed(with_decoder=False)
+    for probe in (attribute_retrieval(tok.clip, n=3), seed_attribute_retrieval(tok, n=3)):
+        assert set(probe) == set(ATTRIBUTES) and all(0 <= v <= 1 for v in probe.values())
