@@ -197,6 +197,9 @@ class TextToImagePipeline:
 
     def _context_ids(self, image, keep_rows: int | None, n_prompts: int, num_images: int) -> torch.Tensor:
         """The top ``keep_rows`` token rows of the image(s), unified ids (n_prompts * num_images, rows * W)."""
+        if self.tokenizer.layout.kind != "grid2d":
+            raise ValueError(f"continuing an image keeps rows of a 2-D token grid; this tokenizer's tokens are "
+                             f"{self.tokenizer.layout.kind} (SEED's are one-dimensional and semantic)")
         h, w = self.tokenizer.layout.grid
         s = self.model.config.shuffle_window
         keep_rows = h // 2 if keep_rows is None else keep_rows

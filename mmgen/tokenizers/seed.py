@@ -409,9 +409,10 @@ class SEEDTokenizer(Tokenizer):
             self.vae.save_pretrained(directory / "vae", dtype)
         if self.diffusion is not None:
             unet = self.diffusion.unet
-            if dtype is not None:
-                unet = type(unet).from_config(unet.config)
-                unet.load_state_dict({k: v.to(dtype) for k, v in self.diffusion.unet.state_dict().items()})
+            if dtype is not None:  # a converted copy: the live model keeps computing in fp32
+                import copy
+
+                unet = copy.deepcopy(unet).to(dtype)
             unet.save_pretrained(directory / "unet", safe_serialization=True)
 
     @classmethod

@@ -17,6 +17,7 @@ from gradio_client import Client  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CKPT = str(REPO / "checkpoints" / "shapes")
+SEED_CKPT = str(REPO / "checkpoints" / "seed")  # draws and sees: the studio's image-to-text tab
 PROMPT = "a large red circle at the top left on a black background"
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
 
@@ -38,7 +39,7 @@ def _free_port() -> int:
 def server():
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     studio = _load_studio()
-    app = studio.build_app([CKPT])
+    app = studio.build_app([CKPT, SEED_CKPT] if Path(SEED_CKPT, "model_index.json").is_file() else [CKPT])
     _, url, _ = studio.launch(app, port=_free_port(), block=False)
     yield studio, url.rstrip("/")
     app.close()
@@ -207,3 +208,24 @@ def test_only_the_studios_checkpoints_load_unless_allowed(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         opened.pipeline(str(tmp_path / "missing"))
     assert "Checkpoint problem" in opened.describe(str(tmp_path / "missing"))
+
+
+def test_caption_tab_returns_the_pipelines_caption(server, client, tmp_path):
+    if not Path(SEED_CKPT, "model_index.json").is_file():
+        pytest.skip("checkpoints/seed not built")
+    from gradio_client import handle_file
+
+    from mmgen.pipelines.image_to_text import ImageToTextPipeline
+    from mmgen.worlds import shapes
+
+    sample = next(shapes.generate(1, seed=77, num_objects=1))
+    path = tmp_path / "scene.png"
+    sample.image.save(path)
+    got = client.predict(handle_file(str(path)), SEED_CKPT, api_name="/caption_image")
+    want = ImageToTextPipeline.from_pretrained(SEED_CKPT)([sample.image]).captions[0]
+    assert got == want and got.endswith("background")
+    with pytest.raises(Exception, match="upload an image"):
+        client.predict(None, SEED_CKPT, api_name="/caption_image")
+    studio_module, _ = server
+    with pytest.raises(gr.Error, match="not trained to write captions"):  # a draw-only checkpoint
+        studio_module.Studio([CKPT]).caption(sample.image, CKPT)

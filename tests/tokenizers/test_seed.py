@@ -201,6 +201,9 @@ def test_seed_training_chain_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["caption", str(png), str(png), "--checkpoint", str(tmp_path / "ckpt")]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2  # one caption per image (an untrained model's bytes)
+    assert main(["image", "a small red star on the left on a black background", "--checkpoint",
+                 str(tmp_path / "ckpt"), "--init-image", str(png), "-o", str(tmp_path / "c.png"), "--quiet"]) == 2
+    assert "one-dimensional" in capsys.readouterr().err
     # a pack that swaps in a tokenizer with another codebook is refused
     other = debug_seed(seed=5)
     other.save_pretrained(tmp_path / "other")
@@ -221,3 +224,15 @@ def test_attribute_probes_run_on_debug_models():
     tok = debug_seed(with_decoder=False)
     for probe in (attribute_retrieval(tok.clip, n=3), seed_attribute_retrieval(tok, n=3)):
         assert set(probe) == set(ATTRIBUTES) and all(0 <= v <= 1 for v in probe.values())
+
+
+def test_fp16_save_keeps_the_live_model_fp32(tmp_path):
+    from safetensors.torch import load_file
+
+    tok = debug_seed()
+    tok.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    assert next(tok.diffusion.unet.parameters()).dtype == torch.float32
+    unet = load_file(str(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in unet.values()} == {torch.float16}
+    again = SEEDTokenizer.from_pretrained(tmp_path / "half")
+    assert next(again.diffusion.unet.parameters()).dtype == torch.float32
