@@ -87,18 +87,25 @@ def perturb_scene(objects, background: str, rng) -> list:
 
 
 def contrastive_batches(batch_size: int, seed: int, size: int = 64, rank: int = 0,
-                        exclude_combos=shapes.HELD_OUT_COMBOS) -> Iterator[tuple[torch.Tensor, list[str], list[str]]]:
-    """Endless (images, captions, hard-negative captions) from the shapes world. Captions are paraphrased as in
-    training; each negative describes the same scene with one attribute of one object changed (NegCLIP-style
-    hard negatives: in-batch negatives alone rarely differ only in position, so a CLIP never has to learn it)."""
+                        exclude_combos=shapes.HELD_OUT_COMBOS, paraphrase: bool = True
+                        ) -> Iterator[tuple[torch.Tensor, list[str], list[str], list[str], list]]:
+    """Endless (images, captions, hard-negative captions, reading-order canonical captions, (objects,
+    background) scenes) from the shapes world. Captions are paraphrased as in
+    training (or canonical with ``paraphrase=False``); each negative describes the same scene with one
+    attribute of one object changed (NegCLIP-style hard negatives: in-batch negatives alone rarely differ only
+    in position, so a CLIP never has to learn it)."""
     import random
 
     rng = random.Random(seed * 1000 + rank + 5)
-    stream = shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=True, exclude_combos=exclude_combos)
+    stream = shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=paraphrase,
+                             exclude_combos=exclude_combos)
     while True:
         chunk = list(itertools.islice(stream, batch_size))
         arr = np.stack([np.asarray(s.image) for s in chunk])
         negatives = [shapes.paraphrase_caption(perturb_scene(s.objects, s.background, rng), s.background, rng)
-                     if rng.random() < 0.7 else shapes.canonical_caption(perturb_scene(s.objects, s.background, rng),
-                                                                         s.background) for s in chunk]
-        yield (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk], negatives)
+                     if paraphrase and rng.random() < 0.7 else
+                     shapes.canonical_caption(perturb_scene(s.objects, s.background, rng), s.background)
+                     for s in chunk]
+        described = [shapes.canonical_caption(sorted(s.objects, key=lambda o: o.cell), s.background) for s in chunk]
+        yield (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk], negatives,
+               described, [(s.objects, s.background) for s in chunk])

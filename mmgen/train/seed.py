@@ -92,10 +92,11 @@ def _shapes_batches(batch_size: int, image_size: int = 64):
     return lambda seed, rank: world_batches(batch_size, seed, image_size, paraphrase=True, rank=rank)
 
 
-def _contrastive_batches(batch_size: int, image_size: int, hard_negatives: bool):
+def _contrastive_batches(batch_size: int, image_size: int, hard_negatives: bool, paraphrase: bool = True):
     if not hard_negatives:
-        return lambda seed, rank: ((x, c, None) for x, c in world_batches(batch_size, seed, image_size, rank=rank))
-    return lambda seed, rank: contrastive_batches(batch_size, seed, image_size, rank)
+        return lambda seed, rank: ((x, c, None, None, None) for x, c in world_batches(batch_size, seed, image_size,
+                                                                                paraphrase=paraphrase, rank=rank))
+    return lambda seed, rank: contrastive_batches(batch_size, seed, image_size, rank, paraphrase=paraphrase)
 
 
 def build_clip(recipe: dict):
@@ -119,7 +120,7 @@ def train_clip(recipe_path: str, output: str, steps: int | None = None, resume: 
     batch = int(tr.get("batch_size", 128))
 
     def loss_fn(model, data, step):
-        x, captions, negatives = data
+        x, captions, negatives, _, _ = data
         loss, acc = model(x, captions, negatives)
         return loss, {"acc": acc.item()}
 
@@ -162,11 +163,11 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
     last_codes: dict = {}
 
     def loss_fn(model, data, step):
-        x, captions, negatives = data
+        x, captions, negatives, described, scenes = data
         stage = 1 if step < stage1 else 2
         if step == stage1:  # the usage window starts empty: the first restart seeds every code from real latents
             tok.quantizer.window_hits.zero_()
-        loss, row = model(x, captions, stage, negatives)
+        loss, row = model(x, captions, stage, negatives, described, scenes)
         nxt = step + 1  # on_step sees this step number
         if stage == 2 and (nxt == stage1 + 1 or nxt % restart_every == 0):  # latents for the dead-code restart
             with torch.no_grad():
@@ -181,7 +182,8 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
 
     trainable = [p for n, p in tok.named_parameters() if not n.startswith("clip.")]
     run_loop("seed-tokenizer", tok, trainable, recipe, out,
-             _contrastive_batches(batch, tok.config.image_size, bool(tr.get("hard_negatives", True))), loss_fn,
+             _contrastive_batches(batch, tok.config.image_size, bool(tr.get("hard_negatives", True)),
+                                  bool(tr.get("paraphrase", False))), loss_fn,
              lambda m: m.save_pretrained(out / "tokenizer"), steps, resume, progress, on_step, max_minutes)
     return out / "tokenizer"
 

@@ -39,7 +39,7 @@ def test_hard_negative_changes_exactly_one_attribute():
                  for a, b in zip(s.objects, neg)]
         assert sorted(diffs) == [0] * (len(diffs) - 1) + [1]
         assert len({o.cell for o in neg}) == len(neg)
-    x, captions, negatives = next(contrastive_batches(8, seed=1))
+    x, captions, negatives, described, scenes = next(contrastive_batches(8, seed=1))
     assert x.shape == (8, 3, 64, 64) and len(captions) == len(negatives) == 8
     for c, n in zip(captions, negatives):
         a, b = parse_prompt(c), parse_prompt(n)
