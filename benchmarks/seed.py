@@ -6,7 +6,7 @@ tokens per image and AR positions per image; reconstruction shapes-eval (tokens 
 diffusion decoder, VQ through its decoder); text-to-image shapes-eval on the canonical prompts by object
 count; generation seconds per image at batch 8 (AR + decoder, one run); captioning accuracy of the SEED
 model (every attribute right, by object count); what the CLIP tower and the SEED codes can tell apart
-(attribute retrieval, ``mmgen/eval/clip_probe.py``).
+(attribute retrieval, and a small probe trained on the 32 ids; ``mmgen/eval/clip_probe.py``).
 
     .venv/bin/python benchmarks/seed.py --quick      # 16 per object count
     .venv/bin/python benchmarks/seed.py --n 50
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmgen.eval.caption import evaluate_captions  # noqa: E402
-from mmgen.eval.clip_probe import attribute_retrieval, seed_attribute_retrieval  # noqa: E402
+from mmgen.eval.clip_probe import attribute_retrieval, seed_attribute_retrieval, seed_code_probe  # noqa: E402
 from mmgen.eval.shapes_run import evaluate_reconstruction, evaluate_text_to_image  # noqa: E402
 from mmgen.pipelines.image_to_text import ImageToTextPipeline  # noqa: E402
 from mmgen.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
@@ -70,6 +70,8 @@ def main() -> None:
     print("CLIP attribute retrieval (one-object images):", json.dumps(probe))
     seed_probe = seed_attribute_retrieval(seed_pipe.tokenizer, n=4 * n)
     print("SEED codes attribute retrieval (one-object images):", json.dumps(seed_probe))
+    code_probe = seed_code_probe(seed_pipe.tokenizer)
+    print("SEED codes, probe trained on the ids (held-out accuracy):", json.dumps(code_probe))
 
     def by(row, k):
         return (row["t2i_by_count"] or {}).get(str(k), (row["t2i_by_count"] or {}).get(k))
@@ -85,7 +87,7 @@ def main() -> None:
         "seconds_per_image_vq": rows["vq"]["seconds_per_image"],
         "caption_acc": captions["accuracy"], "caption_acc_1obj": captions["accuracy_1obj"],
         "caption_acc_2obj": captions["accuracy_2obj"], "caption_acc_3obj": captions["accuracy_3obj"],
-        "clip_retrieval": probe, "seed_codes_retrieval": seed_probe,
+        "clip_retrieval": probe, "seed_codes_retrieval": seed_probe, "seed_code_probe": code_probe,
     }
     line = json.dumps(figures)
     if args.json:

@@ -10,27 +10,23 @@ MLP into the CLIP image embedding (SEED's "generation embedding"); a diffusers `
 cross-attends to both and denoises, with a DDIM scheduler, the latent of the project's patch VQ autoencoder
 (``vae``), whose decoder paints the pixels (latent diffusion, as SEED's Stable Diffusion decoder is).
 
-Training follows the paper's two stages at small scale (``mmgen.train.seed``):
+Training follows the paper's two stages at small scale (``mmgen.train.seed``, ``docs/seed.md``):
 1. the Q-Former's final causal embedding is aligned with the caption by a contrastive loss;
 2. the codebook is learnt: codes -> reconstructed causal embeddings (cosine) and -> CLIP image embedding
    (cosine), plus the VQ commitment loss.
-Simplifications and changes, all measured by the model card rather than assumed harmless:
-- The caption side of stage 1 is a small word-level transformer trained with the Q-Former
-  (``CaptionEncoder``; SEED trains BLIP-2's Q-Former text transformer there), and the contrastive loss also
-  ranks a hard-negative caption per image (the same scene with one attribute changed). In-batch negatives
-  alone left the project's CLIP blind to position; captions name positions, so the tokens must carry them.
-- Stage 1 also has BLIP-2's image-grounded text generation loss (``CaptionDecoder``: the reading-order
-  caption written word by word from the 32 causal embeddings); SEED's Q-Former comes from BLIP-2, which
-  was pretrained with it. With the contrastive loss alone the codes told positions apart at chance.
-- Stage 1 also predicts the caption slot by slot (``CaptionSlots``: per object in reading order its size,
-  colour, shape and cell, then the background): the world's captions are that grammar, and this form of
-  caption prediction trains in CPU minutes where the word-level one did not reach positions.
-- The Q-Former adds a learnt position embedding to the ViT features before cross-attention (without it a
-  Q-Former trained to classify the cell stayed at chance: the ViT's own position signal is not readable
-  by attention).
-- In stage 2 the Q-Former keeps training (SEED freezes it) with the stage-1 loss still on, and the same
-  alignment and caption generation are also asked of the embeddings reconstructed from the codes, so the
-  32 codes themselves carry the caption; the causal-embedding reconstruction target is detached.
+Changes, all measured by the model card rather than assumed harmless (SEED starts from BLIP-2's pretrained
+Q-Former; this one starts from scratch on a CPU):
+- The caption side of the stage-1 contrastive loss is a small word-level encoder trained with the Q-Former
+  (``CaptionEncoder``; SEED aligns with BLIP-2's text transformer), and each image also has to beat a
+  hard-negative caption (the same scene with one attribute changed).
+- Stage 1 also has BLIP-2's image-grounded caption generation (``CaptionDecoder``: the reading-order
+  caption word by word from the 32 causal embeddings) and the same caption slot by slot
+  (``CaptionSlots``), a form that trains in CPU minutes.
+- The Q-Former adds a learnt position embedding at unit scale to the ViT features before cross-attention
+  (the ViT's own position signal was not readable by attention).
+- In stage 2 the Q-Former keeps training (SEED freezes it) and the stage-1 losses are also asked of the
+  embeddings reconstructed from the codes, so the 32 codes themselves carry the caption; the
+  causal-embedding reconstruction target is detached.
 - The codebook has ``codebook_size`` entries (1024 by default; the paper's 8192 is for natural images).
 - The generation embedding is this CLIP's image embedding, not unCLIP-SD's, and the diffusion decoder is
   trained here on the world with the tokenizer frozen.
@@ -184,7 +180,6 @@ class CaptionDecoder(nn.Module):
         return loss, acc
 
 
-SLOT_VALUES = None  # filled lazily: (colours, shapes, sizes) of the shapes world
 
 
 class CaptionSlots(nn.Module):
@@ -247,7 +242,9 @@ class CausalQFormer(nn.Module):
         self.feat_proj = nn.Sequential(nn.LayerNorm(c.feature_dim), nn.Linear(c.feature_dim, c.width))
         # where each ViT patch sits, added again before cross-attention: the features' own position signal
         # fades through the ViT (a contrastive CLIP barely needs it), and captions name positions
-        self.feat_pos = nn.Parameter(torch.randn(num_features, c.width) * 0.02)
+        # at unit scale, so position is readable from the first step (at 0.02 a slot-prediction probe
+        # reached 0.68 of slots in 150 steps, at 1.0 0.76)
+        self.feat_pos = nn.Parameter(torch.randn(num_features, c.width))
         self.queries = nn.Parameter(torch.randn(c.num_queries, c.width) * 0.02)
         self.blocks = nn.ModuleList(QFormerBlock(c.width, c.heads) for _ in range(c.layers))
         self.ln_out = nn.LayerNorm(c.width)

@@ -219,10 +219,11 @@ def test_seed_training_chain_and_resume(tmp_path, capsys):
 
 
 def test_attribute_probes_run_on_debug_models():
-    from mmgen.eval.clip_probe import ATTRIBUTES, attribute_retrieval, seed_attribute_retrieval
+    from mmgen.eval.clip_probe import ATTRIBUTES, attribute_retrieval, seed_attribute_retrieval, seed_code_probe
 
     tok = debug_seed(with_decoder=False)
-    for probe in (attribute_retrieval(tok.clip, n=3), seed_attribute_retrieval(tok, n=3)):
+    for probe in (attribute_retrieval(tok.clip, n=3), seed_attribute_retrieval(tok, n=3),
+                  seed_code_probe(tok, n_train=40, n_test=20, steps=3)):
         assert set(probe) == set(ATTRIBUTES) and all(0 <= v <= 1 for v in probe.values())
 
 
