@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     cp.add_argument("images", nargs="+", help="image files (64x64 for the shipped SEED checkpoint)")
     cp.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "seed"),
-                    help="a checkpoint trained on both directions (default: checkpoints/seed)")
+                    help="a checkpoint trained on both directions (default: checkpoints/seed, once one ships; "
+                         "docs/seed.md builds one)")
     cp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0 samples")
     cp.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
     cp.add_argument("--batch-size", type=int, default=32, help="images per forward batch (default 32)")

@@ -35,11 +35,11 @@ class ImageToTextPipeline:
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's image range has {stop - start} ids, "
                                   f"the tokenizer has {tokenizer.vocab_size} codes")
-        if model.tokens_per_step != 1:
-            raise CheckpointError("captioning reads image tokens one position each: this model uses Token-Shuffle")
         if "see" not in tasks:
             raise CheckpointError("this checkpoint's model was not trained to write captions (its model_index.json "
                                   "lists no 'see' task); use one trained on both directions, e.g. checkpoints/seed")
+        if model.tokens_per_step != 1:
+            raise CheckpointError("captioning reads image tokens one position each: this model uses Token-Shuffle")
         self.tokenizer, self.model = tokenizer.eval(), model.eval()
 
     @classmethod

@@ -17,7 +17,6 @@ from gradio_client import Client  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CKPT = str(REPO / "checkpoints" / "shapes")
-SEED_CKPT = str(REPO / "checkpoints" / "seed")  # draws and sees: the studio's image-to-text tab
 PROMPT = "a large red circle at the top left on a black background"
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
 
@@ -39,7 +38,7 @@ def _free_port() -> int:
 def server():
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     studio = _load_studio()
-    app = studio.build_app([CKPT, SEED_CKPT] if Path(SEED_CKPT, "model_index.json").is_file() else [CKPT])
+    app = studio.build_app([CKPT])
     _, url, _ = studio.launch(app, port=_free_port(), block=False)
     yield studio, url.rstrip("/")
     app.close()
@@ -210,22 +209,41 @@ def test_only_the_studios_checkpoints_load_unless_allowed(tmp_path):
     assert "Checkpoint problem" in opened.describe(str(tmp_path / "missing"))
 
 
-def test_caption_tab_returns_the_pipelines_caption(server, client, tmp_path):
-    if not Path(SEED_CKPT, "model_index.json").is_file():
-        pytest.skip("checkpoints/seed not built")
+@pytest.fixture(scope="module")
+def seeing_checkpoint(tmp_path_factory, text_encoder):
+    """A debug SEED checkpoint whose model is marked to draw and see (untrained: its captions are bytes,
+    but the served caption must be exactly the pipeline's)."""
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+    from tests.conftest import make_debug_model
+    from tests.tokenizers.test_seed import debug_seed
+
+    tok = debug_seed(with_decoder=True)
+    path = tmp_path_factory.mktemp("seeing") / "seed-debug"
+    TextToImagePipeline(tok, make_debug_model(tok.vocab_size), text_encoder,
+                        tasks=["draw", "see"]).save_pretrained(path, dtype=None)
+    return str(path)
+
+
+def test_caption_tab_returns_the_pipelines_caption(seeing_checkpoint, tmp_path):
     from gradio_client import handle_file
 
     from mmgen.pipelines.image_to_text import ImageToTextPipeline
     from mmgen.worlds import shapes
 
-    sample = next(shapes.generate(1, seed=77, num_objects=1))
-    path = tmp_path / "scene.png"
-    sample.image.save(path)
-    got = client.predict(handle_file(str(path)), SEED_CKPT, api_name="/caption_image")
-    want = ImageToTextPipeline.from_pretrained(SEED_CKPT)([sample.image]).captions[0]
-    assert got == want and got.endswith("background")
-    with pytest.raises(Exception, match="upload an image"):
-        client.predict(None, SEED_CKPT, api_name="/caption_image")
-    studio_module, _ = server
-    with pytest.raises(gr.Error, match="not trained to write captions"):  # a draw-only checkpoint
-        studio_module.Studio([CKPT]).caption(sample.image, CKPT)
+    studio = _load_studio()
+    app = studio.build_app([CKPT, seeing_checkpoint])
+    _, url, _ = studio.launch(app, port=_free_port(), block=False)
+    try:
+        client = Client(url, verbose=False)
+        sample = next(shapes.generate(1, seed=77, num_objects=1))
+        path = tmp_path / "scene.png"
+        sample.image.save(path)
+        got = client.predict(handle_file(str(path)), seeing_checkpoint, api_name="/caption_image")
+        want = ImageToTextPipeline.from_pretrained(seeing_checkpoint)([sample.image]).captions[0]
+        assert got == want
+        with pytest.raises(Exception, match="upload an image"):
+            client.predict(None, seeing_checkpoint, api_name="/caption_image")
+        with pytest.raises(gr.Error, match="not trained to write captions"):  # a draw-only checkpoint
+            studio.Studio([CKPT]).caption(sample.image, CKPT)
+    finally:
+        app.close()
