@@ -245,6 +245,9 @@ def cmd_pack(args) -> int:
     return 0
 
 
+CAPTION_CHECKPOINT = str(Path(__file__).resolve().parents[1] / "checkpoints" / "seed")
+
+
 def cmd_caption(args) -> int:
     import torch
     from PIL import Image
@@ -257,6 +260,9 @@ def cmd_caption(args) -> int:
             images.append(Image.open(name).convert("RGB"))
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot read image {name}: {e}") from None
+    if not Path(args.checkpoint, "model_index.json").is_file() and args.checkpoint == CAPTION_CHECKPOINT:
+        raise SystemExit(f"error: no captioning checkpoint at {args.checkpoint}: none ships yet. Build one with "
+                         "the commands in docs/seed.md and pass --checkpoint DIR")
     pipe = ImageToTextPipeline.from_pretrained(args.checkpoint)
     size = pipe.tokenizer.config.image_size
     wrong = [n for n, im in zip(args.images, images) if im.size != (size, size)]
@@ -347,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "  mmgen caption a.png b.png --checkpoint checkpoints/seed",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     cp.add_argument("images", nargs="+", help="image files (64x64 for the shipped SEED checkpoint)")
-    cp.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "seed"),
+    cp.add_argument("--checkpoint", default=CAPTION_CHECKPOINT,
                     help="a checkpoint trained on both directions (default: checkpoints/seed, once one ships; "
                          "docs/seed.md builds one)")
     cp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0 samples")

@@ -120,3 +120,17 @@ def test_eval_text_reports_cer_against_the_ocr_ceiling(tmp_path, text_encoder):
     assert r["text_to_image"]["all"]["cer"] > r["ceiling"]["all"]["cer"]
     res = mmgen("eval", "text", "--checkpoint", tmp_path / "missing")
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_caption_without_a_checkpoint_says_how_to_get_one(tmp_path):
+    from pathlib import Path
+
+    from mmgen.cli import CAPTION_CHECKPOINT
+
+    png = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(png)
+    if not Path(CAPTION_CHECKPOINT, "model_index.json").is_file():  # none ships yet: say how to build one
+        r = mmgen("caption", png)
+        assert r.returncode != 0 and "docs/seed.md" in r.stderr
+    r = mmgen("caption", tmp_path / "missing.png", "--checkpoint", tmp_path)
+    assert r.returncode != 0 and "cannot read image" in r.stderr
