@@ -24,6 +24,19 @@ def _variants(s, attr: str):
 ATTRIBUTES = ("color", "shape", "size", "cell", "background")
 
 
+def _retrieval(samples, img, encode_text) -> dict:
+    """Per attribute, the share of images (embeddings ``img``) whose true caption outscores every variant."""
+    result = {}
+    for attr in ATTRIBUTES:
+        right = 0
+        for i, s in enumerate(samples):
+            options, truth = _variants(s, attr)
+            txt = encode_text([shapes.canonical_caption([obj], bg) for obj, bg in options])
+            right += int((txt @ img[i]).argmax()) == truth
+        result[attr] = right / len(samples)
+    return result
+
+
 @torch.no_grad()
 def seed_attribute_retrieval(tokenizer, n: int = 100, seed: int = PROBE_SEED) -> dict:
     """The same probe for a SEED tokenizer, read from its 32 codes: the embedding reconstructed from the
@@ -33,30 +46,13 @@ def seed_attribute_retrieval(tokenizer, n: int = 100, seed: int = PROBE_SEED) ->
     samples = list(shapes.generate(n, seed, size=tokenizer.config.image_size, num_objects=1))
     recon, _ = tokenizer.embed_ids(tokenizer.encode([s.image for s in samples]))
     img = F.normalize(tokenizer.align_proj(recon[:, -1]), dim=-1)
-    result = {}
-    for attr in ATTRIBUTES:
-        right = 0
-        for i, s in enumerate(samples):
-            options, truth = _variants(s, attr)
-            txt = tokenizer.caption_encoder([shapes.canonical_caption([obj], bg) for obj, bg in options])
-            right += int((txt @ img[i]).argmax()) == truth
-        result[attr] = right / n
-    return result
+    return _retrieval(samples, img, tokenizer.caption_encoder)
 
 
 @torch.no_grad()
 def attribute_retrieval(clip, n: int = 100, seed: int = PROBE_SEED) -> dict:
     samples = list(shapes.generate(n, seed, size=clip.image_size, num_objects=1))
-    img = clip.encode_image([s.image for s in samples])
-    result = {}
-    for attr in ATTRIBUTES:
-        right = 0
-        for i, s in enumerate(samples):
-            options, truth = _variants(s, attr)
-            txt = clip.encode_text([shapes.canonical_caption([obj], bg) for obj, bg in options])
-            right += int((txt @ img[i]).argmax()) == truth
-        result[attr] = right / n
-    return result
+    return _retrieval(samples, clip.encode_image([s.image for s in samples]), clip.encode_text)
 
 
 def seed_code_probe(tokenizer, n_train: int = 2000, n_test: int = 400, steps: int = 300, seed: int = PROBE_SEED) -> dict:

@@ -208,9 +208,8 @@ def sample_text(model, start_ids: torch.Tensor, max_bytes: int, options: Samplin
         logits = model.decode_step(tok, cache)
     texts = []
     for row in out.tolist():
-        data = bytes(t - lo for t in row if lo <= t < hi) if eot not in row else bytes(
-            t - lo for t in row[:row.index(eot)])
-        texts.append(data.decode("utf-8", errors="replace"))
+        row = row[:row.index(eot)] if eot in row else row  # only byte ids come before <eot>
+        texts.append(bytes(t - lo for t in row).decode("utf-8", errors="replace"))
     seconds = time.perf_counter() - t0
     written = int((out != eot).sum())
     record = SamplingRecord("ar-text", b, written // max(b, 1), steps, seconds, written / max(seconds, 1e-9), cache.nbytes,

@@ -47,7 +47,7 @@ from mmgen.tokenizers.base import (CheckpointError, TokenLayout, Tokenizer, load
                                    save_part)
 from mmgen.tokenizers.clip_shapes import ShapesCLIP, contrastive
 from mmgen.tokenizers.quantizers import VectorQuantizer
-from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
+from mmgen.tokenizers.vq_image import VQImageTokenizer, images_to_tensor, tensor_to_images
 
 
 @dataclass
@@ -479,10 +479,7 @@ class SEEDTokenizer(Tokenizer):
         with torch.no_grad():
             ids = self.encode(images)
             recon, gen = self.embed_ids(ids)
-            x = images if isinstance(images, torch.Tensor) else None
-            from mmgen.tokenizers.vq_image import images_to_tensor
-
-            x = images_to_tensor(images).to(self.device) if x is None else x.to(self.device)
+            x = images_to_tensor(images).to(self.device)
             latents = self.vae.quantizer(self.vae.encoder(x * 2 - 1)).quantized * self.config.latent_scale
         return self.diffusion.loss(latents, self.diffusion.condition(recon, gen), generator)
 
