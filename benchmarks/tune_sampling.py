@@ -49,7 +49,8 @@ def main(argv=None) -> list[dict]:
             chunk = scenes[i:i + 32]
             images += pipe([s.caption for s in chunk], generator=torch.Generator().manual_seed(i), **options).images
         res = shapes_eval.score(images, [(s.objects, s.background) for s in scenes])
-        row = {"options": options, "score": round(res["score"], 4), "by_objects": res["by_objects"]}
+        row = {"options": options, "score": round(res["score"], 4), "by_objects": res["by_objects"],
+               "errors": res["errors"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

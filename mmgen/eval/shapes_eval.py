@@ -65,6 +65,8 @@ QUARTERS = SUPERSAMPLE            # template offsets are quantised to 1 / SUPERS
 BLUR_LEVELS_PX = (0.0, 0.5, 1.0)  # template softness (Gaussian sigma) levels, for blurry generated images
 DEFAULT_CEILING_SEED = 20240601
 NUM_OBJECTS_RANGE = (1, 3)
+ATTRIBUTE_NAMES = ("color", "shape", "size", "cell")
+ERROR_KINDS = ("background", *ATTRIBUTE_NAMES, "fit", "object_missing", "object_extra")
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -329,29 +331,51 @@ def judge(image: ImageLike, objects: Sequence[ObjectSpec], background: str,
     """Whether ``image`` shows exactly the requested objects on the requested background.
 
     Returns {"satisfied": bool, "reason": str ("" when satisfied), "background": detected background,
-    "regions": list[Region]}.
+    "regions": list[Region], "errors": sorted error kinds}. Error kinds: "background"; per missing object, the
+    attributes ("color", "shape", "size", "cell") in which the closest leftover region differs from it, or "fit"
+    when it differs in none but its template fit is below ``min_iou``; "object_missing" when no region is left
+    to pair with; "object_extra" when regions are left over.
     """
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; expected one of {tuple(BACKGROUNDS)}")
     wanted = [_as_attributes(o) for o in objects]
     detected_bg, regions = analyze(image, tolerance)
     problems: list[str] = []
+    errors: set[str] = set()
     if detected_bg != background:
         problems.append(f"background is {detected_bg or 'unclear'}, expected {background}")
+        errors.add("background")
     unmatched = list(range(len(regions)))
+    missing = []
     for attrs in wanted:
         hit = next((i for i in unmatched
                     if (regions[i].color, regions[i].shape, regions[i].size, regions[i].cell) == attrs
                     and regions[i].iou >= min_iou), None)
         if hit is None:
             problems.append(f"missing {_describe(attrs)}")
+            missing.append(attrs)
         else:
             unmatched.remove(hit)
     for i in unmatched:
         r = regions[i]
         problems.append(f"unexpected {r.phrase()} (iou {r.iou:.2f})")
+    # error kinds: pair each missing object with the leftover region closest to it (fewest attributes wrong);
+    # the attributes that differ are the error (a region that matches but fits poorly is "fit")
+    left = list(unmatched)
+    for attrs in missing:
+        if not left:
+            errors.add("object_missing")
+            continue
+        wrong = [[name for name, want, got in zip(ATTRIBUTE_NAMES, attrs, (regions[i].color, regions[i].shape,
+                                                                            regions[i].size, regions[i].cell))
+                  if want != got] for i in left]
+        best = min(range(len(left)), key=lambda j: len(wrong[j]))
+        errors.update(wrong[best] or ["fit"])
+        left.pop(best)
+    if left:
+        errors.add("object_extra")
     return {"satisfied": not problems, "reason": "; ".join(problems), "background": detected_bg,
-            "regions": regions}
+            "regions": regions, "errors": sorted(errors)}
 
 
 def score(images: Sequence[ImageLike], scenes: Sequence[Scene], min_iou: float = DEFAULT_MIN_IOU,
@@ -359,16 +383,21 @@ def score(images: Sequence[ImageLike], scenes: Sequence[Scene], min_iou: float =
     """Fraction of images that satisfy their scene (objects, background), overall and by object count.
 
     by_objects maps "1", "2", "3" to the fraction satisfied among scenes with that many objects (None when
-    there are none); n_by_objects holds the counts.
+    there are none); n_by_objects holds the counts; errors counts the failed images showing each error kind
+    (``judge``; one image may show several).
     """
     if len(images) != len(scenes):
         raise ValueError(f"got {len(images)} images for {len(scenes)} scenes")
     lo, hi = NUM_OBJECTS_RANGE
     passed = {str(k): 0 for k in range(lo, hi + 1)}
     counts = {str(k): 0 for k in range(lo, hi + 1)}
+    errors = {kind: 0 for kind in ERROR_KINDS}
     total = 0
     for image, (objects, background) in zip(images, scenes):
-        ok = judge(image, objects, background, min_iou, tolerance)["satisfied"]
+        verdict = judge(image, objects, background, min_iou, tolerance)
+        ok = verdict["satisfied"]
+        for kind in verdict["errors"]:
+            errors[kind] += 1
         key = str(len(objects))
         counts[key] = counts.get(key, 0) + 1
         passed[key] = passed.get(key, 0) + int(ok)
@@ -376,7 +405,7 @@ def score(images: Sequence[ImageLike], scenes: Sequence[Scene], min_iou: float =
     n = len(images)
     return {"score": total / n if n else 0.0, "n": n,
             "by_objects": {k: (passed[k] / counts[k] if counts[k] else None) for k in counts},
-            "n_by_objects": counts}
+            "n_by_objects": counts, "errors": errors}
 
 
 # ------------------------------------------------------------------------------------------------ parsing

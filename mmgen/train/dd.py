@@ -6,7 +6,9 @@ atomically and a rerun continues after the last complete one. No training images
 from the shapes world's caption distribution (paraphrased, held-out colour-shape pairs excluded), the images
 from the teacher. Phase 2 trains the student (initialised from the teacher) with cross-entropy on the
 teacher's tokens: half the batches as one-step inputs (all noise), half as second-step inputs (the teacher's
-tokens before a random split as data vectors, noise after it). Periodic atomic training state, ``--resume``,
+tokens before a split as data vectors, noise after it). Of the second-step batches, ``sampler_split_share`` (half)
+split where the two-step sampler does (half the positions, ``sample_dd``), the rest at a uniformly random
+position, so the student learns the split it is asked for most while still seeing every split. Periodic atomic training state, ``--resume``,
 metrics.jsonl, and at every save a complete pipeline folder (the teacher's parts plus ``student/``).
 """
 from __future__ import annotations
@@ -107,7 +109,8 @@ def load_pairs(folder: Path, count: int | None = None) -> tuple[list[str], torch
 
 
 def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, batch_size: int = 16,
-             lr: float = 3e-4, two_step_share: float = 0.5, seed: int = 0, resume: bool = False,
+             lr: float = 3e-4, two_step_share: float = 0.5, sampler_split_share: float = 0.5, seed: int = 0,
+             resume: bool = False,
              save_every: int = 250, max_minutes: float | None = None, progress: bool = True) -> Path:
     """Returns the pipeline folder (output/pipeline) holding the teacher's parts and the student."""
     from accelerate import Accelerator
@@ -154,7 +157,8 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
         unwrapped = acc.unwrap_model(wrapped)
         is_data = torch.zeros_like(tok, dtype=torch.bool)
         if torch.rand((), generator=gen) < two_step_share:
-            split = int(torch.randint(1, positions, (), generator=gen))
+            split = (positions // 2 if torch.rand((), generator=gen) < sampler_split_share
+                     else int(torch.randint(1, positions, (), generator=gen)))
             is_data = split_mask(unwrapped.model, batch_size, tok.shape[1], split, tok.device)
         vectors = torch.where(is_data[..., None], codebook[tok], nz)
         prefix = unwrapped.model.prefix(cond.states, cond.mask)

@@ -156,6 +156,27 @@ def test_perturbed_renders_fail(degrade):
             assert verdict["reason"]
 
 
+def test_error_kinds_name_what_was_changed():
+    """Each one-change perturbation is reported as that change, and scores tally the kinds."""
+    expected = {"removed": ["object_missing"], "recoloured": ["color"], "moved": ["cell"], "resized": ["size"],
+                "background": ["background"]}
+    rng = random.Random(SEED)
+    seen = 0
+    for sample in world.generate(8, SEED + 6, size=64):
+        for kind, image in _perturbations(sample, rng, 64):
+            verdict = se.judge(image, sample.objects, sample.background)
+            assert verdict["errors"] == expected.get(kind, ["shape"]), (kind, sample.caption, verdict["reason"])
+            seen += 1
+    assert seen > 40
+    sample = next(world.generate(1, SEED + 7, num_objects=1))
+    extra = world.render(world.place(list(sample.objects) + [ShapeObject(
+        "red" if sample.objects[0].color != "red" else "blue", "circle", "small",
+        (sample.objects[0].cell + 4) % 9)], 64, random.Random(0)), sample.background)
+    result = se.score([sample.image, extra], [(sample.objects, sample.background)] * 2)
+    assert result["errors"]["object_extra"] == 1 and sum(result["errors"].values()) == 1
+    assert se.judge(sample.image, sample.objects, sample.background)["errors"] == []
+
+
 # ---------------------------------------------------------------------------------------------- parsing
 
 @pytest.mark.parametrize("style", ["canonical", "paraphrase", "held_out"])
