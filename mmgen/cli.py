@@ -48,6 +48,21 @@ def _image_paths(out: str | None, count: int) -> list[Path]:
     return [path / f"{i:03d}.png" for i in range(count)]
 
 
+def _check_writable(paths: list[Path]) -> None:
+    """Every output's folder exists or can be made, and no output path is an existing folder."""
+    for folder in sorted({p.parent for p in paths}):
+        existing = next((q for q in (folder, *folder.parents) if q.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ValueError(f"cannot write into {folder}: {existing} is a file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"cannot write the image {p}: a folder of that name exists")
+
+
 def cmd_image(args) -> int:
     import random
 
@@ -82,6 +97,7 @@ def cmd_image(args) -> int:
     # what it gets alone (seed, seed + 1, ...)
     jobs = [(p, seed + k) for p in prompts for k in range(args.num_images)]
     paths = _image_paths(args.output, len(jobs))
+    _check_writable(paths)  # before generating: a bad -o must not cost the work
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt,
                     sampler=args.sampler, steps=args.steps, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
@@ -171,6 +187,8 @@ def cmd_eval_text(args) -> int:
 
     if not text_eval.have_tesseract():
         raise ValueError("text-eval needs the tesseract binary (Debian: tesseract-ocr tesseract-ocr-eng; make setup)")
+    if args.sampler != "ar" or args.negative_prompt:
+        raise ValueError("mmgen eval text runs the AR sampler without a negative prompt; drop --sampler/--negative-prompt")
     checkpoint = args.checkpoint or "checkpoints/text"
     pipe = TextToImagePipeline.from_pretrained(checkpoint)
     canvas = pipe.tokenizer.config.image_size
@@ -182,9 +200,9 @@ def cmd_eval_text(args) -> int:
     report["text_to_image"] = evaluate_text_to_image(pipe, n=args.n, seed=args.seed, progress=not args.quiet,
                                                      **sampling)
     text = json.dumps(report, indent=2)
+    print(text, flush=True)  # first: a failing write must not lose the evaluation
     if args.json:
         Path(args.json).write_text(text + "\n")
-    print(text)
     return 0
 
 
@@ -195,6 +213,8 @@ def cmd_eval(args) -> int:
     from mmgen.eval.shapes_run import evaluate_reconstruction, evaluate_text_to_image
     from mmgen.pipelines.text_to_image import TextToImagePipeline
 
+    if args.negative_prompt:
+        raise ValueError("mmgen eval shapes scores each scene's own caption; --negative-prompt is not taken here")
     args.checkpoint = args.checkpoint or _default_checkpoint()
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint)
     report = {"checkpoint": args.checkpoint,
@@ -215,9 +235,9 @@ def cmd_eval(args) -> int:
     report["sampling"] = {**pipe.options(**{k: v for k, v in sampling.items() if k not in extra}).__dict__,
                           **{k: sampling[k] for k in extra}}
     text = json.dumps(report, indent=2)
+    print(text, flush=True)  # first: a failing write must not lose the evaluation
     if args.json:
         Path(args.json).write_text(text + "\n")
-    print(text)
     return 0
 
 
@@ -239,7 +259,14 @@ def cmd_pack(args) -> int:
                                   "the model's ids would mean other things")
         pipe.tokenizer = new.eval()
     if args.defaults:
-        pipe.defaults.update(json.loads(args.defaults))
+        from mmgen.sampling.ar import SamplingOptions
+
+        try:
+            given = json.loads(args.defaults)
+            pipe.defaults = SamplingOptions.from_dict({**pipe.defaults, **given} if isinstance(given, dict)
+                                                      else given, "--defaults").__dict__
+        except (json.JSONDecodeError, ValueError) as err:
+            raise SystemExit(f"error: --defaults: {err}") from None
     pipe.save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
     print(args.output)
     return 0
@@ -394,8 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["studio"]:  # the studio parses its own options
-        return cmd_studio(argv[1:])
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] == "studio" and set(argv[:first]) <= {"-v", "--verbose"}:
+        # the studio parses its own options
+        if argv[:first]:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        return cmd_studio(argv[first + 1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -403,11 +434,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("-n must be at least 1")
     if getattr(args, "batch_size", 1) < 1:
         parser.error("--batch-size must be at least 1")
+    if args.command == "eval" and args.n < 1:
+        parser.error("--n must be at least 1")
+    if args.command == "eval" and args.json:  # checked before an evaluation that may take an hour
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir():
+            parser.error(f"--json {args.json}: not a file path in an existing folder")
     from mmgen.tokenizers.base import CheckpointError
 
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,10 @@
 """The mmgen command, run as a user runs it (a subprocess), on a debug checkpoint."""
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 PROMPT = "a large red circle at the top left on a black background"
@@ -53,7 +55,6 @@ def test_help_explains():
 
 
 def test_eval_shapes_reports_every_prompt_set(tmp_path, debug_checkpoint):
-    import json
 
     report = tmp_path / "r.json"
     res = mmgen("eval", "shapes", "--checkpoint", debug_checkpoint, "--n", 1, "--json", report, "-q", timeout=300)
@@ -91,7 +92,6 @@ def test_image_with_zipvl_and_an_image_to_continue(tmp_path, debug_checkpoint):
 
 
 def test_eval_text_reports_cer_against_the_ocr_ceiling(tmp_path, text_encoder):
-    import json
 
     import pytest
     import torch
@@ -134,3 +134,28 @@ def test_caption_without_a_checkpoint_says_how_to_get_one(tmp_path):
         assert r.returncode != 0 and "docs/seed.md" in r.stderr
     r = mmgen("caption", tmp_path / "missing.png", "--checkpoint", tmp_path)
     assert r.returncode != 0 and "cannot read image" in r.stderr
+
+
+def test_bad_outputs_options_and_defaults_fail_before_work(tmp_path, debug_checkpoint, capsys):
+    from mmgen.cli import main
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(["image", PROMPT, "--checkpoint", str(debug_checkpoint), "-o", str(tmp_path / "notes.txt" / "x"),
+                 "--seed", "0"]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "keep me"
+    with pytest.raises(SystemExit):
+        main(["eval", "shapes", "--checkpoint", str(debug_checkpoint), "--n", "0"])
+    assert "--n must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "shapes", "--checkpoint", str(debug_checkpoint), "--json", str(tmp_path / "no" / "r.json")])
+    assert "existing folder" in capsys.readouterr().err
+    assert main(["eval", "text", "--checkpoint", str(debug_checkpoint), "--sampler", "dd"]) == 2
+    for bad, says in (('{"guidance": 3}', "unknown keys"), ("[1, 2]", "JSON object"), ('{"top_k": "5"}', "top_k"),
+                      ("{not json", "--defaults")):
+        with pytest.raises(SystemExit, match=says):
+            main(["pack", "--pipeline", str(debug_checkpoint), "--output", str(tmp_path / "packed"), "--defaults", bad])
+    assert not (tmp_path / "packed").exists()
+    assert main(["pack", "--pipeline", str(debug_checkpoint), "--output", str(tmp_path / "packed"),
+                 "--defaults", '{"top_k": 5, "guidance_scale": 2}']) == 0
+    index = json.loads((tmp_path / "packed" / "model_index.json").read_text())
+    assert index["defaults"]["top_k"] == 5 and index["defaults"]["guidance_scale"] == 2.0

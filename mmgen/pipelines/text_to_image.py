@@ -89,7 +89,11 @@ class TextToImagePipeline:
             student.check_matches(model, tokenizer.code_vectors())
         self.student = student.eval() if student is not None else None
         self.text_encoder = text_encoder or SentenceEncoder(model.config.max_cond_tokens)
-        self.defaults = {**SamplingOptions().__dict__, **(defaults or {})}
+        try:
+            self.defaults = SamplingOptions.from_dict({**SamplingOptions().__dict__, **(defaults or {})},
+                                                      "the checkpoint's sampling defaults").__dict__
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
         self.tasks = list(tasks)  # "draw" (text -> image); "see" when the model also writes captions
 
     @classmethod
@@ -117,8 +121,8 @@ class TextToImagePipeline:
         atomic_write_bytes(directory / "model_index.json", json.dumps(index, indent=2).encode())
 
     def options(self, **overrides) -> SamplingOptions:
-        vals = {k: (v if v is not None else self.defaults[k]) for k, v in overrides.items()}
-        return SamplingOptions(**vals).validate()
+        """The checkpoint's sampling defaults with the given overrides (None: keep the default)."""
+        return SamplingOptions.from_dict({**self.defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         cond = self.text_encoder(prompts)

@@ -30,6 +30,25 @@ class SamplingOptions:
     top_p: float = 1.0    # 1.0: off
     cfg_schedule: str = "constant"  # "constant", or "linear": guidance ramps from 1 to guidance_scale
 
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "sampling options") -> "SamplingOptions":
+        """Checked construction from a mapping (a checkpoint's defaults, ``mmgen pack --defaults``): unknown
+        keys and wrongly typed values are a ValueError that names them, not a later crash mid-generation."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} must be a JSON object like {{\"guidance_scale\": 3.0}}, got {values!r}")
+        fields = cls.__dataclass_fields__
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+        for key, value in values.items():
+            want = str if key == "cfg_schedule" else int if key == "top_k" else float
+            ok = isinstance(value, str) if want is str else (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                             and (want is float or float(value).is_integer()))
+            if not ok:
+                raise ValueError(f"{where}: {key} must be {want.__name__}, got {value!r}")
+        return cls(**{k: (int(v) if k == "top_k" else float(v) if k != "cfg_schedule" else v)
+                      for k, v in values.items()}).validate()
+
     def validate(self) -> "SamplingOptions":
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")

@@ -78,3 +78,18 @@ def test_checkpoint_loads_without_pickle(debug_checkpoint):
     files = sorted(p.name for p in debug_checkpoint.rglob("*") if p.is_file())
     assert all(not f.endswith((".bin", ".pt", ".pkl", ".pth")) for f in files)
     assert files.count("model.safetensors") == 2
+
+
+def test_checkpoint_defaults_are_what_options_give(text_encoder):
+    """options() with no overrides is the checkpoint's defaults (distillation and pair signatures read it)."""
+    tok = make_debug_tokenizer()
+    defaults = {"guidance_scale": 2.5, "temperature": 0.7, "top_k": 5, "cfg_schedule": "linear"}
+    pipe = TextToImagePipeline(tok, make_debug_model(tok.vocab_size), text_encoder, defaults)
+    opts = pipe.options()
+    assert (opts.guidance_scale, opts.temperature, opts.top_k, opts.top_p, opts.cfg_schedule) == (2.5, 0.7, 5, 1.0,
+                                                                                                   "linear")
+    assert pipe.options(top_k=0, temperature=None).top_k == 0 and pipe.options(temperature=None).temperature == 0.7
+    for bad, match in (({"guidance": 3}, "unknown keys"), ({"top_k": "5"}, "top_k must be int"),
+                       ({"temperature": -1}, "temperature")):
+        with pytest.raises(CheckpointError, match=match):
+            TextToImagePipeline(tok, make_debug_model(tok.vocab_size), text_encoder, bad)
