@@ -1,7 +1,7 @@
 """Batches from the shapes world (streamed, seeded per process) or from a user's folder of images + captions.
 
-A user folder holds images and a ``captions.jsonl`` (``{"file": "a.png", "caption": "..."}`` per line) or
-``metadata.jsonl`` in Hugging Face ``imagefolder`` style; it is read through ``datasets``.
+A user folder holds images and a ``metadata.jsonl`` in Hugging Face ``imagefolder`` style
+(``{"file_name": "a.png", "text": "..."}`` per line); it is read through ``datasets``.
 """
 from __future__ import annotations
 
@@ -58,10 +58,16 @@ def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank
     if not (path / "metadata.jsonl").is_file():
         raise FileNotFoundError(f"{folder} needs a metadata.jsonl with file_name and text columns")
     ds = load_dataset("imagefolder", data_dir=str(path), split="train").shard(world_size, rank)
+    if "text" not in ds.column_names:
+        raise ValueError(f"{folder}/metadata.jsonl needs a text column (the caption), found {ds.column_names}")
+    if len(ds) < batch_size:
+        raise ValueError(f"{folder} gives {len(ds)} image(s) per process, fewer than one batch of {batch_size}: "
+                         "add images or lower the batch size")
     epoch = 0
     while True:
+        shuffled = ds.shuffle(seed=seed + epoch)  # once per epoch
         for start in range(0, len(ds) - batch_size + 1, batch_size):
-            rows = ds.shuffle(seed=seed + epoch)[start:start + batch_size]
+            rows = shuffled[start:start + batch_size]
             arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in rows["image"]])
             yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, list(rows["text"])
         epoch += 1

@@ -93,23 +93,39 @@ class Decoder(nn.Module):
 
 
 def images_to_tensor(images, size: int | None = None) -> torch.Tensor:
-    """PIL image(s), a uint8 array (b, H, W, 3) or a float tensor (b, 3, H, W) in [0, 1] -> tensor in [0, 1]."""
+    """PIL image(s), a uint8 array (b, H, W, 3) or (H, W, 3), or a float tensor (b, 3, H, W) in [0, 1] -> a float
+    tensor (b, 3, H, W) in [0, 1]. ``size``: the side the images must have (a ValueError names the mismatch).
+
+    A uint8 tensor is divided by 255; a float array or a float tensor outside [0, 1] is refused, since it is
+    ambiguous which scale it uses."""
     if isinstance(images, torch.Tensor):
-        x = images.float()
+        if images.dtype == torch.uint8:
+            x = images.float() / 255.0
+        elif images.is_floating_point():
+            x = images.float()
+            if x.numel() and (x.min() < -1e-3 or x.max() > 1.0 + 1e-3):
+                raise ValueError(f"float image tensors must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+        else:
+            raise ValueError(f"image tensors must be uint8 or float in [0, 1], got {images.dtype}")
         if x.dim() == 3:
             x = x.unsqueeze(0)
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"image tensor must be (b, 3, H, W), got {tuple(images.shape)}")
-        return x
-    if isinstance(images, Image.Image):
-        images = [images]
-    if isinstance(images, np.ndarray):
-        arr = images if images.ndim == 4 else images[None]
     else:
-        arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"images must be RGB (b, H, W, 3), got shape {arr.shape}")
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8:
+                raise ValueError(f"image arrays must be uint8 (b, H, W, 3), got {images.dtype}")
+            arr = images if images.ndim == 4 else images[None]
+        else:
+            arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"images must be RGB (b, H, W, 3), got shape {arr.shape}")
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        raise ValueError(f"images must be {size}x{size}, got {x.shape[-1]}x{x.shape[-2]}")
+    return x
 
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:

@@ -28,7 +28,8 @@ from mmgen.model.vocab import Vocabulary
 from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
 from mmgen.text.encoder import SentenceEncoder
 from mmgen.text.quoted import split_prompts
-from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state
+from mmgen.train.common import (MetricsLog, cosine_lr, load_train_state, past_time_limit,
+                                 read_yaml, save_train_state, should_resume)
 from mmgen.worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     state_dir = out / "train_state"
     step, extra = 0, {}
-    if resume and (state_dir.exists() or state_dir.with_name("train_state.old").exists()):
+    if should_resume(state_dir, resume):
         step, extra = load_train_state(state_dir, model, opt)
         log.info("resumed from step %d", step)
     wrapped, opt = acc.prepare(model, opt)
@@ -195,7 +196,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
                         tokens_per_s=tokens_seen * acc.num_processes / max(el, 1e-9), **extra_row)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
-        out_of_time = max_minutes is not None and (time.time() - t_start) / 60 > max_minutes
+        out_of_time = past_time_limit(acc, t_start, max_minutes)
         if step % save_every == 0 or step == steps or out_of_time:
             save()
         if out_of_time:

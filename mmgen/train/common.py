@@ -58,6 +58,30 @@ def save_train_state(directory: str | os.PathLike, model: torch.nn.Module, optim
         shutil.rmtree(old)
 
 
+def past_time_limit(acc, start: float, max_minutes: float | None) -> bool:
+    """Whether the run has used its ``max_minutes`` (wall clock since ``start``), decided the same on every
+    process: each rank's own clock could stop one rank a step before another, whose next gradient all-reduce
+    would then wait forever. One all-gather of a flag per step, only when a limit is set."""
+    if max_minutes is None:
+        return False
+    flag = torch.tensor([float((time.time() - start) / 60 > max_minutes)], device=acc.device)
+    return bool(acc.gather(flag).max() > 0)
+
+
+def should_resume(directory: str | os.PathLike, resume: bool) -> bool:
+    """Whether a run loads ``directory`` (its train_state): with ``resume``, there must be one (a mistyped
+    --output would otherwise start over silently); without it, there must be none (a new run would overwrite
+    it and append a second history to metrics.jsonl)."""
+    directory = Path(directory)
+    exists = directory.exists() or directory.with_name(directory.name + ".old").exists()
+    if resume and not exists:
+        raise CheckpointError(f"--resume: there is no training state in {directory}")
+    if exists and not resume:
+        raise CheckpointError(f"{directory.parent} already holds a run (train_state/): pass --resume to continue "
+                              "it, or choose another --output")
+    return resume
+
+
 def load_train_state(directory: str | os.PathLike, model: torch.nn.Module,
                      optimizer: torch.optim.Optimizer | None) -> tuple[int, dict]:
     """Restore weights and optimizer; returns (step, extra). Falls back to the previous state if needed."""

@@ -6,10 +6,12 @@ atomically and a rerun continues after the last complete one. No training images
 from the shapes world's caption distribution (paraphrased, held-out colour-shape pairs excluded), the images
 from the teacher. Phase 2 trains the student (initialised from the teacher) with cross-entropy on the
 teacher's tokens: half the batches as one-step inputs (all noise), half as second-step inputs (the teacher's
-tokens before a split as data vectors, noise after it). Of the second-step batches, ``sampler_split_share`` (half)
-split where the two-step sampler does (half the positions, ``sample_dd``), the rest at a uniformly random
-position, so the student learns the split it is asked for most while still seeing every split. Periodic atomic training state, ``--resume``,
-metrics.jsonl, and at every save a complete pipeline folder (the teacher's parts plus ``student/``).
+tokens before a split as data vectors, noise after it). Of the second-step batches, ``sampler_split_share``
+(half) split where the two-step sampler does (half the positions, ``sample_dd``), the rest at a uniformly
+random position, so the student learns the split it is asked for most while still seeing every split.
+Periodic atomic training state, ``--resume``, metrics.jsonl, and at every save a complete pipeline folder (the
+teacher's parts plus ``student/``). The teacher samples with its checkpoint's sampling defaults
+(``model_index.json``), and the pairs record them: pairs written under other defaults are refused.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from mmgen.model.dd_student import DDStudent, codebook_fingerprint, weights_fing
 from mmgen.pipelines.text_to_image import TextToImagePipeline
 from mmgen.sampling.distilled import noise_like, split_mask, teacher_tokens
 from mmgen.tokenizers.base import CheckpointError
-from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, save_train_state
+from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, past_time_limit, save_train_state, should_resume
 from mmgen.worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     state_dir = out / "train_state"
     step, extra = 0, {}
-    if resume and (state_dir.exists() or state_dir.with_name("train_state.old").exists()):
+    if should_resume(state_dir, resume):
         step, extra = load_train_state(state_dir, student, opt)
         log.info("resumed from step %d", step)
     wrapped, opt = acc.prepare(student, opt)
@@ -181,7 +183,7 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
             metrics.log(step, minutes0, loss=loss.item(), token_accuracy=acc_tok, lr=opt.param_groups[0]["lr"])
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc_tok:.2f}")
         bar.update(1)
-        out_of_time = max_minutes is not None and (time.time() - t_start) / 60 > max_minutes
+        out_of_time = past_time_limit(acc, t_start, max_minutes)
         if step % save_every == 0 or step == steps or out_of_time:
             save()
         if out_of_time:

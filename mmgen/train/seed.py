@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmgen.data.shapes_data import contrastive_batches, world_batches
-from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state
+from mmgen.train.common import (MetricsLog, cosine_lr, load_train_state, past_time_limit,
+                                 read_yaml, save_train_state, should_resume)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def run_loop(name: str, module: torch.nn.Module, params, recipe: dict, out: Path
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=float(tr.get("weight_decay", 0.0)))
     state_dir = out / "train_state"
     step, extra = 0, {}
-    if resume and (state_dir.exists() or state_dir.with_name("train_state.old").exists()):
+    if should_resume(state_dir, resume):
         step, extra = load_train_state(state_dir, module, opt)
         log.info("resumed %s from step %d", name, step)
         if on_step is not None:
@@ -76,7 +77,7 @@ def run_loop(name: str, module: torch.nn.Module, params, recipe: dict, out: Path
             metrics.log(step, minutes0, loss=loss.item(), lr=opt.param_groups[0]["lr"], **row)
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{float(v):.3f}" for k, v in row.items()})
         bar.update(1)
-        out_of_time = max_minutes is not None and (time.time() - metrics.start) / 60 > max_minutes
+        out_of_time = past_time_limit(acc, metrics.start, max_minutes)
         if acc.is_main_process and (step % save_every == 0 or step == steps or out_of_time):
             save_train_state(state_dir, unwrapped, opt, step, {"minutes": minutes0 + (time.time() - metrics.start) / 60})
             save(unwrapped)

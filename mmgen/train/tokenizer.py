@@ -17,7 +17,7 @@ from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTo
 
 TOKENIZER_TYPES = {"vq_image": (VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer),
                    "binary_text": (BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer)}
-from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state
+from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state, should_resume
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
                             weight_decay=float(tr.get("weight_decay", 0.0)))
     state_dir = out / "train_state"
     step, extra = 0, {}
-    if resume and (state_dir.exists() or state_dir.with_name("train_state.old").exists()):
+    if should_resume(state_dir, resume):
         step, extra = load_train_state(state_dir, tok, opt)
         log.info("resumed from step %d", step)
     model, opt = acc.prepare(tok, opt)

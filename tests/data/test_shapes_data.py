@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mmgen.data.shapes_data import folder_batches, world_batches
@@ -23,6 +24,8 @@ def test_user_folder_with_captions(tmp_path):
     images, captions = next(folder_batches(str(tmp_path), 2, seed=0, size=16))
     assert images.shape == (2, 3, 16, 16)
     assert all(c.startswith("picture ") for c in captions)
+    with pytest.raises(ValueError, match="fewer than one batch"):  # an endless loop before
+        next(folder_batches(str(tmp_path), 8, seed=0, size=16))
 
 
 def test_hard_negative_changes_exactly_one_attribute():

@@ -72,3 +72,22 @@ def test_straight_through_gradient_reaches_encoder():
     recon, q, z = tok(torch.rand(2, 3, 16, 16))
     (recon.mean() + q.loss).backward()
     assert tok.encoder.net[0].weight.grad is not None and tok.encoder.net[0].weight.grad.abs().sum() > 0
+
+
+def test_images_to_tensor_reads_every_form_at_one_scale():
+    import numpy as np
+    from PIL import Image
+
+    from mmgen.tokenizers.vq_image import images_to_tensor
+
+    arr = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    want = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
+    forms = [arr, [Image.fromarray(a) for a in arr], torch.from_numpy(arr).permute(0, 3, 1, 2), want]
+    for form in forms:
+        assert torch.allclose(images_to_tensor(form, size=8), want)
+    for bad, says in ((arr.astype(np.float32), "uint8"), (want * 255, r"\[0, 1\]"), (want.long(), "uint8 or float"),
+                      (arr[..., :2], "RGB")):
+        with pytest.raises(ValueError, match=says):
+            images_to_tensor(bad)
+    with pytest.raises(ValueError, match="must be 16x16"):
+        images_to_tensor(arr, size=16)

@@ -46,6 +46,12 @@ def test_tokenizer_then_ar_training_and_resume(tmp_path):
     assert img.images[0].size == (16, 16)
     train_ar(str(ar_recipe), str(tok_dir), str(tmp_path / "ar"), steps=6, resume=True, progress=False)
     assert json.loads((tmp_path / "ar" / "train_state" / "state.json").read_text())["step"] == 6
+    # a second run over the same folder without --resume, or --resume into an empty one, is refused
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        train_ar(str(ar_recipe), str(tok_dir), str(tmp_path / "ar"), steps=8, progress=False)
+    assert json.loads((tmp_path / "ar" / "train_state" / "state.json").read_text())["step"] == 6
+    with pytest.raises(CheckpointError, match="no training state"):
+        train_tokenizer(str(tok_recipe), str(tmp_path / "typo"), steps=8, resume=True, progress=False)
 
 
 def test_train_state_round_trip_and_interrupted_write(tmp_path):
