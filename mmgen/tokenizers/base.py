@@ -41,6 +41,13 @@ class TokenLayout:
         return {"kind": self.kind, "grid": list(self.grid), "levels": self.levels}
 
 
+def _public_mode(path: str) -> None:
+    """mkstemp creates files 0600; give them the mode an ordinary write would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so readers see the old or the new content, never half of one."""
     path = Path(path)
@@ -51,6 +58,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -60,7 +68,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def save_part(directory: str | os.PathLike, config: dict, state: dict[str, torch.Tensor],
               dtype: torch.dtype | None = None) -> None:
-    """Save one part as config.json + model.safetensors, atomically."""
+    """Save one part as config.json + model.safetensors, each file atomically (readers never see half a file;
+    a crash between the two can leave new weights beside the old config: save into a fresh folder when that
+    matters, as ``mmgen pack`` users do)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
@@ -69,6 +79,7 @@ def save_part(directory: str | os.PathLike, config: dict, state: dict[str, torch
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        _public_mode(tmp)
         os.replace(tmp, directory / "model.safetensors")
     except BaseException:
         if os.path.exists(tmp):
