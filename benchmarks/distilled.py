@@ -68,7 +68,7 @@ def generate(pipe, prompts, seeds, sampler, steps, batch):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "shapes"))
-    ap.add_argument("--quick", action="store_true", help="16 prompts per object count, 4 at batch 1")
+    ap.add_argument("--quick", action="store_true", help="16 prompts per object count, 12 timed at batch 1")
     ap.add_argument("--n", type=int, default=None, help="prompts per object count (default 16 quick / 50)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     if pipe.student is None:
         ap.error(f"{args.checkpoint} has no Distilled Decoding student (mmgen train dd --teacher ...)")
     n = args.n or (16 if args.quick else 50)
-    n_b1 = 4 if args.quick else 16
+    n_b1 = 12 if args.quick else 24
     scenes = eval_scenes("canonical", n)
     prompts = [s.caption for s in scenes]
     seeds = list(range(len(prompts)))
@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
         figures[f"speedup_{name}_vs_ar_b1"] = round(figures["seconds_per_image_ar_b1"] /
                                                     figures[f"seconds_per_image_{name}_b1"], 1)
         figures[f"score_ratio_{name}"] = round(figures[f"score_{name}"] / max(figures["score_ar"], 1e-9), 3)
-    figures.update({"checkpoint": args.checkpoint, "prompts": len(prompts), "threads": torch.get_num_threads(),
+    figures.update({"checkpoint": args.checkpoint, "prompts": len(prompts), "images_timed_b1": n_b1,
+                    "threads": torch.get_num_threads(),
                     "feature_extractor": "checkpoint VQ encoder latents, 4x4 average pool (128-d)"})
     print(f"{'sampler':8} {'s/img b1':>9} {'s/img b16':>10} {'passes':>7} {'shapes-eval':>12} {'FD-VQ':>8}")
     for name, s1, s16, passes, score, fd in table:

@@ -70,7 +70,7 @@ def save_part(directory: str | os.PathLike, config: dict, state: dict[str, torch
               dtype: torch.dtype | None = None) -> None:
     """Save one part as config.json + model.safetensors, each file atomically (readers never see half a file;
     a crash between the two can leave new weights beside the old config: save into a fresh folder when that
-    matters, as ``mmgen pack`` users do)."""
+    matters)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
