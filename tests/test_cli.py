@@ -159,3 +159,12 @@ def test_bad_outputs_options_and_defaults_fail_before_work(tmp_path, debug_check
                  "--defaults", '{"top_k": 5, "guidance_scale": 2}']) == 0
     index = json.loads((tmp_path / "packed" / "model_index.json").read_text())
     assert index["defaults"]["top_k"] == 5 and index["defaults"]["guidance_scale"] == 2.0
+
+
+def test_studio_is_found_after_global_options(monkeypatch):
+    import mmgen.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_studio", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["-v", "studio", "--port", "7861"]) == 0 and cli.main(["studio"]) == 0
+    assert seen == [["--port", "7861"], []]
