@@ -400,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and long scenes each (default 50)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--prompt-sets", nargs="+", default=["canonical", "paraphrase_held_out"],
-                    choices=["canonical", "paraphrase_held_out"])
+                    choices=["canonical", "paraphrase_held_out", "held_out_wording", "held_out_combos"],
+                    help="canonical captions; held-out wording on held-out colour-shape pairs (default: both); "
+                         "the diagnostic sets held_out_wording and held_out_combos take the second apart")
     ev.add_argument("--json", help="also write the report here")
     ev.add_argument("-q", "--quiet", action="store_true")
     _add_sampling_args(ev)

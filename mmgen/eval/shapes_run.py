@@ -4,6 +4,9 @@ Prompt sets (all seeded, none drawn from the training stream's seeds):
 - ``canonical``: canonical captions of fresh world scenes;
 - ``paraphrase_held_out``: the world's evaluation-only wording (never seen in training) on scenes whose first
   object is a colour-shape pair held out of training (``shapes.HELD_OUT_COMBOS``).
+Two diagnostic sets take that one apart:
+- ``held_out_wording``: the evaluation-only wording on scenes made only of colour-shape pairs seen in training;
+- ``held_out_combos``: canonical captions of scenes whose first object is a held-out colour-shape pair.
 Scenes are judged against their attributes; prompts are also parsed back (parse_prompt) as a check.
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ from mmgen.eval import shapes_eval
 from mmgen.worlds import shapes
 
 EVAL_SEED = 900_001  # training streams use small seeds; evaluation scenes come from elsewhere
-PROMPT_SETS = ("canonical", "paraphrase_held_out")
+PROMPT_SETS = ("canonical", "paraphrase_held_out", "held_out_wording", "held_out_combos")
 
 
 def eval_scenes(prompt_set: str, n: int, seed: int = EVAL_SEED, size: int = 64) -> list[shapes.ShapesSample]:
@@ -29,9 +32,14 @@ def eval_scenes(prompt_set: str, n: int, seed: int = EVAL_SEED, size: int = 64) 
     for k in (1, 2, 3):
         if prompt_set == "canonical":
             gen = shapes.generate(n, seed + k, size=size, num_objects=k)
-        else:
+        elif prompt_set == "paraphrase_held_out":
             gen = shapes.generate(n, seed + 10 + k, size=size, num_objects=k, held_out=True,
                                   only_combos=shapes.HELD_OUT_COMBOS)
+        elif prompt_set == "held_out_wording":
+            gen = shapes.generate(n, seed + 20 + k, size=size, num_objects=k, held_out=True,
+                                  exclude_combos=shapes.HELD_OUT_COMBOS)
+        else:
+            gen = shapes.generate(n, seed + 30 + k, size=size, num_objects=k, only_combos=shapes.HELD_OUT_COMBOS)
         out.extend(gen)
     return out
 

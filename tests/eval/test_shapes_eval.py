@@ -213,3 +213,24 @@ def test_parse_prompt_examples():
 def test_parse_prompt_rejects(prompt):
     with pytest.raises(ValueError):
         se.parse_prompt(prompt)
+
+
+def test_prompt_sets_hold_what_they_say():
+    from mmgen.eval.shapes_run import PROMPT_SETS, eval_scenes
+
+    held = set(world.HELD_OUT_COMBOS)
+    sets = {name: eval_scenes(name, 6) for name in PROMPT_SETS}
+    for name, scenes in sets.items():
+        assert len(scenes) == 18 and [len(s.objects) for s in scenes] == [1] * 6 + [2] * 6 + [3] * 6, name
+        canonical = [s.caption == world.canonical_caption(s.objects, s.background) for s in scenes]
+        first_held = [(s.objects[0].color, s.objects[0].shape) in held for s in scenes]
+        any_held = [any((o.color, o.shape) in held for o in s.objects) for s in scenes]
+        if name == "canonical":
+            assert all(canonical)
+        elif name == "held_out_combos":
+            assert all(canonical) and all(first_held)
+        elif name == "paraphrase_held_out":
+            assert not any(canonical) and all(first_held)
+        else:  # held_out_wording
+            assert not any(canonical) and not any(any_held)
+    assert len({s.caption for scenes in sets.values() for s in scenes}) == 4 * 18  # four distinct sets
