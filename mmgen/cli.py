@@ -247,6 +247,18 @@ def cmd_pack(args) -> int:
 
     from mmgen.pipelines.text_to_image import TextToImagePipeline
 
+    from mmgen.sampling.ar import SamplingOptions
+
+    given = {}
+    if args.defaults:  # checked before anything loads
+        try:
+            given = json.loads(args.defaults)
+            SamplingOptions.from_dict({**SamplingOptions().__dict__, **given} if isinstance(given, dict) else given,
+                                      "--defaults")
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"error: --defaults is not JSON: {err}") from None
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     pipe = TextToImagePipeline.from_pretrained(args.pipeline)
     if args.tokenizer:  # e.g. the SEED tokenizer once its diffusion decoder is trained: same codes, new decoder
         from mmgen.pipelines.text_to_image import load_tokenizer
@@ -259,14 +271,7 @@ def cmd_pack(args) -> int:
                                   "the model's ids would mean other things")
         pipe.tokenizer = new.eval()
     if args.defaults:
-        from mmgen.sampling.ar import SamplingOptions
-
-        try:
-            given = json.loads(args.defaults)
-            pipe.defaults = SamplingOptions.from_dict({**pipe.defaults, **given} if isinstance(given, dict)
-                                                      else given, "--defaults").__dict__
-        except (json.JSONDecodeError, ValueError) as err:
-            raise SystemExit(f"error: --defaults: {err}") from None
+        pipe.defaults = SamplingOptions.from_dict({**pipe.defaults, **given}, "--defaults").__dict__
     pipe.save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
     print(args.output)
     return 0
