@@ -119,8 +119,7 @@ def cmd_image(args) -> int:
         total_s += out.record["seconds"]
         if out.record.get("zipvl"):
             zip_records.append(out.record["zipvl"])
-        for img, path in zip(out.images, paths[start:start + len(chunk)]):
-            path.parent.mkdir(parents=True, exist_ok=True)
+        for img, path in zip(out.images, paths[start:start + len(chunk)]):  # folders made by _check_writable
             img.save(path)
             written.append(str(path))
     for w in written:
@@ -246,7 +245,6 @@ def cmd_pack(args) -> int:
     import torch
 
     from mmgen.pipelines.text_to_image import TextToImagePipeline
-
     from mmgen.sampling.ar import SamplingOptions
 
     given = {}

@@ -40,14 +40,14 @@ class SamplingOptions:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+        typed = {}
         for key, value in values.items():
-            want = str if key == "cfg_schedule" else int if key == "top_k" else float
-            ok = isinstance(value, str) if want is str else (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                                             and (want is float or float(value).is_integer()))
-            if not ok:
+            want = {"cfg_schedule": str, "top_k": int}.get(key, float)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (isinstance(value, str) if want is str else number and (want is float or float(value).is_integer())):
                 raise ValueError(f"{where}: {key} must be {want.__name__}, got {value!r}")
-        return cls(**{k: (int(v) if k == "top_k" else float(v) if k != "cfg_schedule" else v)
-                      for k, v in values.items()}).validate()
+            typed[key] = want(value)
+        return cls(**typed).validate()
 
     def validate(self) -> "SamplingOptions":
         if self.cfg_schedule not in CFG_SCHEDULES:

@@ -180,8 +180,6 @@ class CaptionDecoder(nn.Module):
         return loss, acc
 
 
-
-
 class CaptionSlots(nn.Module):
     """Caption prediction in the world's caption grammar, slot by slot: for each of up to three objects in
     reading order its size, colour, shape and cell (or "none"), and the background, read from the causal

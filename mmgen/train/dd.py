@@ -29,7 +29,8 @@ from mmgen.model.dd_student import DDStudent, codebook_fingerprint, weights_fing
 from mmgen.pipelines.text_to_image import TextToImagePipeline
 from mmgen.sampling.distilled import noise_like, split_mask, teacher_tokens
 from mmgen.tokenizers.base import CheckpointError
-from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, past_time_limit, save_train_state, should_resume
+from mmgen.train.common import (MetricsLog, cosine_lr, load_train_state, past_time_limit, save_train_state,
+                                 should_resume)
 from mmgen.worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
     from accelerate import Accelerator
 
     out = Path(output)
+    state_dir = out / "train_state"
+    load_state = should_resume(state_dir, resume)  # refused before minutes of pair writing, not after
     pipe = TextToImagePipeline.from_pretrained(teacher)
     make_pairs(pipe, out / "pairs", pairs, seed, progress=progress)
     prompts, noise, tokens = load_pairs(out / "pairs", pairs)
@@ -127,9 +130,8 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
     student = DDStudent.from_teacher(pipe.model, codebook, pipe.options().__dict__)
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    state_dir = out / "train_state"
     step, extra = 0, {}
-    if should_resume(state_dir, resume):
+    if load_state:
         step, extra = load_train_state(state_dir, student, opt)
         log.info("resumed from step %d", step)
     wrapped, opt = acc.prepare(student, opt)
