@@ -187,7 +187,8 @@ def cmd_eval_text(args) -> int:
     if not text_eval.have_tesseract():
         raise ValueError("text-eval needs the tesseract binary (Debian: tesseract-ocr tesseract-ocr-eng; make setup)")
     if args.sampler != "ar" or args.negative_prompt:
-        raise ValueError("mmgen eval text runs the AR sampler without a negative prompt; drop --sampler/--negative-prompt")
+        raise ValueError("mmgen eval text runs the AR sampler without a negative prompt; "
+                         "drop --sampler/--negative-prompt")
     checkpoint = args.checkpoint or "checkpoints/text"
     pipe = TextToImagePipeline.from_pretrained(checkpoint)
     canvas = pipe.tokenizer.config.image_size
