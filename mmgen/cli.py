@@ -167,7 +167,7 @@ def cmd_train(args) -> int:
         from mmgen.train.tokenizer import train_tokenizer
 
         path = train_tokenizer(args.recipe, args.output, steps=args.steps, resume=args.resume, data=args.data,
-                               seed=args.seed)
+                               seed=args.seed, max_minutes=args.max_minutes)
     else:
         from mmgen.train.ar import train_ar
 
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="a folder of images with metadata.jsonl instead of the world")
     tr.add_argument("--steps", type=int, help="override the recipe's step count (dd: student steps, default 1500)")
     tr.add_argument("--seed", type=int, help="override the recipe's seed")
-    tr.add_argument("--max-minutes", type=float, help="(all but tokenizer) stop and save after this many minutes")
+    tr.add_argument("--max-minutes", type=float, help="stop and save after this many minutes of wall clock")
     tr.add_argument("--teacher", help="(dd) the text-to-image checkpoint to distil")
     tr.add_argument("--pairs", type=int, default=4096, help="(dd) teacher (prompt, noise, tokens) pairs (default 4096)")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")

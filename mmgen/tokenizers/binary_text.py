@@ -35,6 +35,7 @@ class BinaryTextConfig:
     commit_weight: float = 0.25
     entropy_weight: float = 0.05
     diversity_gamma: float = 1.0
+    entropy_group_bits: int = 7  # the batch-entropy term is exact within groups of this many bits
 
 
 BINARY_TEXT_CONFIGS = {
@@ -68,22 +69,38 @@ class BinaryTextTokenizer(GridImageTokenizer):
         self.projector = nn.TransformerEncoder(layer, config.projector_layers, enable_nested_tensor=False)
         self.to_bits = nn.Linear(d, config.bits)
         self.quantizer = BinaryQuantizer(config.bits, config.commit_weight, config.entropy_weight,
-                                         config.diversity_gamma)
+                                         config.diversity_gamma, group_bits=config.entropy_group_bits)
         self.decoder = Decoder(VQImageConfig(**conv, code_dim=config.bits))
         self.layout = TokenLayout("grid2d", (g, g))
         self.vocab_size = 2 ** config.bits
 
-    def latents(self, x: torch.Tensor) -> torch.Tensor:
-        """x (b, 3, H, W) in [0, 1] -> continuous bit latents (b, B, h, w)."""
+    def positions(self, h: int, w: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The projector's 2-D positions for an (h, w) token window: the whole grid, or for training crops the
+        window at ``offset`` (b, 2) (top-left, in tokens) of the full grid, so a crop's tokens get the positions
+        they have in the full image -> (1 or b, h * w, d)."""
+        g = self.config.image_size // self.config.downsample
+        if offset is None:
+            if (h, w) != (g, g):
+                raise ValueError(f"a {h}x{w} token grid needs crop offsets; the full grid is {g}x{g}")
+            return self.pos[None]
+        if offset.min() < 0 or (offset[:, 0] + h).max() > g or (offset[:, 1] + w).max() > g:
+            raise ValueError(f"crop offsets {offset.tolist()} put a {h}x{w} window outside the {g}x{g} grid")
+        rows = offset[:, :1, None] + torch.arange(h, device=offset.device)[None, :, None]
+        cols = offset[:, 1:, None] + torch.arange(w, device=offset.device)[None, None, :]
+        return self.pos[(rows * g + cols).reshape(len(offset), -1)]
+
+    def latents(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, 3, H, W) in [0, 1] -> continuous bit latents (b, B, h, w). ``offset``: see ``positions``."""
         f = self.encoder(x * 2 - 1)
         h, w = f.shape[-2:]
-        t = self.projector(rearrange(f, "b d h w -> b (h w) d") + self.pos)
+        t = self.projector(rearrange(f, "b d h w -> b (h w) d") + self.positions(h, w, offset))
         return rearrange(self.to_bits(t), "b (h w) c -> b c h w", h=h, w=w)
 
-    def forward(self, x: torch.Tensor, quantize: bool = True):
+    def forward(self, x: torch.Tensor, quantize: bool = True, offset: torch.Tensor | None = None):
         """x -> (reconstruction in [0, 1] space, quantiser output, latents). ``quantize=False`` decodes the
-        tanh of the latents (the trainer's optional unquantised warm-up)."""
-        z = self.latents(x)
+        tanh of the latents (the trainer's optional unquantised warm-up). ``offset``: training crops' top-left
+        corners in tokens (see ``positions``)."""
+        z = self.latents(x, offset)
         q = self.quantizer(z)
         dec_in = q.quantized if quantize else torch.tanh(z)
         return (self.decoder(dec_in) + 1) / 2, q, z

@@ -17,7 +17,8 @@ from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTo
 
 TOKENIZER_TYPES = {"vq_image": (VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer),
                    "binary_text": (BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer)}
-from mmgen.train.common import MetricsLog, cosine_lr, load_train_state, read_yaml, save_train_state, should_resume
+from mmgen.train.common import (MetricsLog, cosine_lr, load_train_state, past_time_limit, read_yaml,
+                                 save_train_state, should_resume)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,31 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, edge_weight: 
     return (w * (err.abs() + err.pow(2))).sum() / (w.sum() * 3)
 
 
+def content_crops(x: torch.Tensor, crop: int, align: int, gen: torch.Generator, candidates: int = 4):
+    """Random ``crop`` x ``crop`` windows of a batch, one per image, top-left corners on the token grid
+    (multiples of ``align``): of ``candidates`` random corners per image the one with the most colour edges
+    wins, so text images train on glyphs rather than on empty background -> (crops, corners in tokens (b, 2)).
+
+    Training on crops makes a step about (H / crop)^2 cheaper; the tokenizer's layers are convolutions plus
+    (the binary tokenizer) a projector that is given each crop's positions in the full grid."""
+    b, _, h, w = x.shape
+    if crop % align or not align <= crop <= min(h, w):
+        raise ValueError(f"training.crop must be a multiple of the downsample {align} between {align} and {h}, "
+                         f"got {crop}")
+    slots = (h - crop) // align + 1
+    corners = torch.randint(0, slots, (b, candidates, 2), generator=gen)
+    edges = edge_weights(x, 1.0) - 1  # 1 within a pixel of an edge
+    # edge count in every window, from a summed-area table
+    sat = F.pad(edges[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0))
+    y0, x0 = corners[..., 0] * align, corners[..., 1] * align
+    idx = torch.arange(b)[:, None]
+    count = (sat[idx, y0 + crop, x0 + crop] - sat[idx, y0, x0 + crop] - sat[idx, y0 + crop, x0] + sat[idx, y0, x0])
+    best = corners[torch.arange(b), count.argmax(1)]
+    crops = torch.stack([x[i, :, r * align:r * align + crop, c * align:c * align + crop]
+                         for i, (r, c) in enumerate(best.tolist())])
+    return crops, best
+
+
 def build_tokenizer(recipe: dict):
     kind = recipe.get("type", "vq_image")
     if kind not in TOKENIZER_TYPES:
@@ -58,7 +84,7 @@ def build_tokenizer(recipe: dict):
 
 def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
                     data: str | None = None, seed: int | None = None, save_every: int | None = None,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, max_minutes: float | None = None) -> Path:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     recipe = read_yaml(recipe_path)
@@ -93,18 +119,29 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     has_codebook = hasattr(tok.quantizer, "restart_dead_codes")  # the VQ; the binary quantiser has none
     warm = int(tr.get("unquantized_warmup", 300 if has_codebook else 0))
     log_every = int(tr.get("log_every", 25))
+    crop = int(tr.get("crop", 0)) or None  # train on content-weighted crops of this side (see content_crops)
+    align = tok.config.downsample
+    if crop is not None:
+        content_crops(torch.zeros(1, 3, size, size), crop, align, torch.Generator())  # a bad crop fails now
+    t_start = time.time()
     bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc="tokenizer")
     gen = torch.Generator().manual_seed(seed + 1 + acc.process_index)
     unwrapped = acc.unwrap_model(model)
     while step < steps:
         x, _ = next(batches)
+        offset = None
+        if crop is not None and crop < size:
+            x, offset = content_crops(x, crop, align, gen)
         x = x.to(acc.device)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)))
         quantize = step >= warm
         if step == warm and has_codebook:  # empty usage window: the restart below seeds every code from current latents
             unwrapped.quantizer.window_hits.zero_()
-        recon, q, z = model(x, quantize=quantize)
+        if offset is not None and hasattr(unwrapped, "positions"):  # the binary tokenizer's projector
+            recon, q, z = model(x, quantize=quantize, offset=offset.to(acc.device))
+        else:
+            recon, q, z = model(x, quantize=quantize)
         rec = reconstruction_loss(recon, x, edge_w)
         loss = rec + q.loss if quantize else rec
         opt.zero_grad(set_to_none=True)
@@ -128,10 +165,14 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
             metrics.log(step, minutes0, **row)
             bar.set_postfix(psnr=f"{psnr.item():.1f}", ppl=f"{q.perplexity.item():.0f}")
         bar.update(1)
-        if acc.is_main_process and (step % save_every == 0 or step == steps):
+        out_of_time = past_time_limit(acc, t_start, max_minutes)
+        if acc.is_main_process and (step % save_every == 0 or step == steps or out_of_time):
             save_train_state(state_dir, unwrapped, opt, step,
                              {"minutes": minutes0 + (time.time() - metrics.start) / 60})
             unwrapped.save_pretrained(out / "tokenizer")
         acc.wait_for_everyone()
+        if out_of_time:
+            log.info("stopping at step %d: %s minutes reached", step, max_minutes)
+            break
     bar.close()
     return out / "tokenizer"

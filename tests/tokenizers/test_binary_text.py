@@ -65,6 +65,20 @@ def test_straight_through_gradient_and_entropy_terms():
     assert q(even).loss < q(same).loss and q(even).loss < q(undecided).loss
 
 
+def test_batch_entropy_sees_bits_that_copy_one_another():
+    import math
+
+    torch.manual_seed(0)
+    one = torch.sigmoid(4 * torch.randn(2000, 1, 1, 1) * 5)
+    copies, independent = one.repeat(1, 6, 1, 1), torch.sigmoid(4 * torch.randn(2000, 6, 1, 1) * 5)
+    grouped, per_bit = BinaryQuantizer(bits=6, group_bits=6).eval(), BinaryQuantizer(bits=6, group_bits=1).eval()
+    # six copies of one balanced bit: two codes in use, and only the grouped entropy says so
+    assert grouped.batch_entropy(copies) < 2.5 * math.log(2) < 5.5 * math.log(2) < per_bit.batch_entropy(copies)
+    assert grouped.batch_entropy(independent) > 5.5 * math.log(2)
+    # groups of 4 + 2 bits while training (random split), exact within each
+    assert BinaryQuantizer(bits=6, group_bits=4).train().batch_entropy(independent) > 5.5 * math.log(2)
+
+
 def test_trains_on_the_text_world_and_resumes(tmp_path):
     from mmgen.train.tokenizer import train_tokenizer
 
@@ -72,7 +86,7 @@ def test_trains_on_the_text_world_and_resumes(tmp_path):
     recipe.write_text(yaml.safe_dump({"type": "binary_text", "architecture": {"size": "debug"},
                                       "data": {"world": "text"},
                                       "training": {"steps": 3, "batch_size": 2, "save_every": 3, "warmup": 1,
-                                                   "log_every": 1}}))
+                                                   "log_every": 1, "crop": 32}}))
     out = train_tokenizer(str(recipe), str(tmp_path / "bt"), progress=False)
     assert isinstance(load_tokenizer(out), BinaryTextTokenizer)
     train_tokenizer(str(recipe), str(tmp_path / "bt"), steps=4, resume=True, progress=False)
@@ -83,3 +97,37 @@ def test_trains_on_the_text_world_and_resumes(tmp_path):
     bad.write_text(yaml.safe_dump({"type": "hexagons", "training": {"steps": 1}}))
     with pytest.raises(ValueError, match="unknown tokenizer type"):
         train_tokenizer(str(bad), str(tmp_path / "bad"), progress=False)
+
+
+def test_a_crop_gets_the_positions_it_has_in_the_full_grid():
+    tok = _tok()
+    x = torch.rand(1, 3, 64, 64)
+    # the 4x4 token window at (2, 3): pos rows of the full 8x8 grid, in row-major order
+    pos = tok.positions(4, 4, torch.tensor([[2, 3]]))
+    want = torch.stack([tok.pos[r * 8 + c] for r in range(2, 6) for c in range(3, 7)])
+    assert torch.equal(pos[0], want)
+    assert torch.equal(tok.positions(8, 8), tok.pos[None])
+    # the encoder is convolutional: a crop's latents come from its pixels and the full grid's positions
+    crop = x[..., 16:48, 24:56]
+    recon, _, z = tok(crop, offset=torch.tensor([[2, 3]]))
+    assert recon.shape == crop.shape and z.shape[-2:] == (4, 4)
+    with pytest.raises(ValueError, match="needs crop offsets"):
+        tok.latents(crop)
+    with pytest.raises(ValueError, match="outside"):
+        tok.latents(crop, torch.tensor([[5, 0]]))
+
+
+def test_content_crops_prefer_ink_and_sit_on_the_token_grid():
+    from mmgen.train.tokenizer import content_crops
+
+    x = torch.ones(3, 3, 64, 64)
+    x[:, :, 40:56, 8:24] = 0.0  # one dark square: the only edges
+    crops, corners = content_crops(x, 16, 8, torch.Generator().manual_seed(0), candidates=64)
+    assert crops.shape == (3, 3, 16, 16) and corners.shape == (3, 2)
+    for crop, (r, c) in zip(crops, corners.tolist()):
+        assert torch.equal(crop, x[0, :, r * 8:r * 8 + 16, c * 8:c * 8 + 16])
+        assert crop.min() == 0.0  # with 64 candidates, a window with the square's edges wins
+    with pytest.raises(ValueError, match="multiple of the downsample"):
+        content_crops(x, 12, 8, torch.Generator())
+    with pytest.raises(ValueError, match="between"):
+        content_crops(x, 128, 8, torch.Generator())
