@@ -21,7 +21,7 @@ from mmgen.model.zipvl import ZipVLOptions
 from mmgen.sampling.ar import SamplingOptions, sample_ar
 from mmgen.sampling.distilled import noise_like, sample_dd
 from mmgen.text.encoder import SentenceEncoder, check_prompts
-from mmgen.text.quoted import split_prompts
+from mmgen.text.quoted import split_prompts, split_quoted
 from mmgen.tokenizers.base import CheckpointError, atomic_write_bytes
 from mmgen.tokenizers.binary_text import BinaryTextTokenizer
 from mmgen.tokenizers.seed import SEEDTokenizer
@@ -199,6 +199,19 @@ class TextToImagePipeline:
         boi = torch.full((len(prompts), 1), self.model.vocab.special("<boi>"), dtype=torch.long)
         return sample_dd(self.student, prefix, boi, noise, self.model.vocab.range(self.modality), codebook, steps)
 
+    def check_quoted_text(self, prompts: list[str]) -> None:
+        """A checkpoint that writes quoted text (the text world's) refuses, before any work, a prompt without
+        quoted text, characters outside the world's alphabet and a text that needs more lines than the canvas
+        holds at the size the prompt asks for; the error names the prompt."""
+        from mmgen.worlds.text import check_prompt_text
+
+        for prompt in dict.fromkeys(prompts):
+            rest, text = split_quoted(prompt)
+            try:
+                check_prompt_text(rest, text, self.tokenizer.config.image_size)
+            except ValueError as e:
+                raise ValueError(f"prompt {prompt[:80]!r}: {e}") from None
+
     def _context_ids(self, image, keep_rows: int | None, n_prompts: int, num_images: int) -> torch.Tensor:
         """The top ``keep_rows`` token rows of the image(s), unified ids (n_prompts * num_images, rows * W)."""
         if self.tokenizer.layout.kind != "grid2d":
@@ -223,6 +236,7 @@ class TextToImagePipeline:
         boi = torch.full((b, 1), self.model.vocab.special("<boi>"), dtype=torch.long)
         length = self.model.config.text_bytes
         if length:  # quoted text -> byte tokens; the sentence encoder reads the rest
+            self.check_quoted_text(expanded)
             expanded, slot, empty = split_prompts(expanded, self.model.vocab, length)
             start, null_start = torch.cat([slot, boi], 1), torch.cat([empty, boi], 1)
         else:

@@ -121,6 +121,28 @@ def wrap(text: str, font_name: str, size: str, canvas: int = 256) -> list[str]:
     return lines
 
 
+def _named(words_by_key: dict, prompt: str) -> str | None:
+    """The key whose word the prompt names (longest word first: "sans-serif" is not "serif"), else None."""
+    pairs = sorted(((w, k) for k, ws in words_by_key.items() for w in (*ws, k)), key=lambda p: -len(p[0]))
+    for word, key in pairs:
+        if re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", prompt, flags=re.IGNORECASE):
+            return key
+    return None
+
+
+def check_prompt_text(rest: str, text: str, canvas: int = 256) -> list[str]:
+    """What a text-world checkpoint checks before it writes: ``text`` (the prompt's quoted part) is not empty,
+    uses only the world's alphabet, and fits the canvas at the size the prompt names (``rest``: the prompt
+    without the quoted text; with no size named, the smallest, so only what fits at no size is refused).
+    Returns the wrapped lines; a ValueError says what is wrong."""
+    if not text.strip():
+        raise ValueError('this checkpoint writes the text between double quotes, and the prompt has none (or an '
+                         'empty quote): e.g. a white card with the text "Hello world" in large blue serif letters')
+    size = _named(_SIZE_WORDS, rest) or "small"
+    font_name = _named(_FONT_WORDS, rest) or "sans"
+    return wrap(text, font_name, size, canvas)
+
+
 def render(text: str, font_name: str = "sans", size: str = "medium", color: str = "black",
            background: str = "white", align: str = "center", canvas: int = 256) -> Image.Image:
     if color not in COLORS:

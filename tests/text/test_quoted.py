@@ -36,7 +36,10 @@ def test_byte_slot_is_fixed_left_padded_and_refuses_overflow():
 
 
 def _bytes_pipeline(text_encoder, length=16):
-    tok = make_debug_tokenizer()
+    from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextTokenizer
+
+    torch.manual_seed(0)
+    tok = BinaryTextTokenizer(BINARY_TEXT_CONFIGS["debug"]).eval()  # a text-world canvas (64x64)
     base = make_debug_model(tok.vocab_size)
     cfg = type(base.config)(**{**base.config.__dict__, "text_bytes": length})
     torch.manual_seed(0)
@@ -63,6 +66,15 @@ def test_quoted_bytes_reach_the_model_and_batch_equals_single(text_encoder):
     assert torch.allclose(batch[:1], a, atol=1e-4)  # the fixed slot: a prompt gets the same image alone or in a batch
     with pytest.raises(ValueError, match="at most 16"):
         pipe('a card with the text "this text is far too long for the slot"')
+    # the text world's bad inputs are refused before any sampling, naming the prompt
+    for prompt, match in [('a card with the text "Grüße" in small red mono letters', "not allowed: 'ßü'"),
+                          ('a card with the text "" in small red mono letters', "none \\(or an empty quote\\)"),
+                          ("a card with no quoted text at all", "between double quotes"),
+                          ('a card with the text "one two\nthree\nfour\nfive\nsix\nseven" in large letters',
+                           "needs 6 lines; at large size a 64x64 canvas holds 5")]:
+        with pytest.raises(ValueError, match=match) as err:
+            pipe(prompt)
+        assert prompt[:20] in str(err.value)
     with pytest.raises(ValueError, match="AR sampler"):
         pipe.student = object()  # any student: the byte slot is refused before it is used
         try:
