@@ -460,7 +460,11 @@ _BG_TEMPLATES = tuple(dict.fromkeys(("on a {} background", *world._TRAIN_BG, *wo
 _BG_RES = tuple(_background_re(t) for t in _BG_TEMPLATES)
 _EXAMPLE_OBJECT = "a small red circle at the top left"
 _EXAMPLE_BACKGROUND = "on a black background"
-_FILLER_RE = re.compile(r"^(?:[\s,;.]|\band\b|\bplus\b)*$")
+# what may stand between objects and background: punctuation, the joins and the sentence frames' words
+_FILLER_WORDS = {j.strip() for j in (*world._TRAIN_JOIN, *world._HELD_JOIN) if j.strip(" ,;")} | {
+    part.strip(" ,").lower() for frame in world._TRAIN_FRAMES for part in re.split(r"\{\w+\}", frame)
+    if part.strip(" ,")} | {"and"}
+_FILLER_RE = re.compile(rf"^(?:[\s,;.]|\b(?:{_alternation(sorted(_FILLER_WORDS))})\b)*$")
 
 
 def _normalise(prompt: str) -> str:

@@ -54,28 +54,37 @@ HELD_OUT_COMBOS = (("purple", "star"), ("orange", "triangle"), ("cyan", "cross")
 _TRAIN_SIZE = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
 _HELD_SIZE = {"small": ("miniature",), "large": ("huge", "giant")}
 _TRAIN_CELL = (
-    ("at the top left", "in the top left", "in the upper left", "at the upper left"),
-    ("at the top", "at the top center", "in the upper middle"),
-    ("at the top right", "in the top right", "in the upper right", "at the upper right"),
-    ("on the left", "at the left", "on the left side"),
-    ("in the center", "in the middle", "at the center"),
-    ("on the right", "at the right", "on the right side"),
-    ("at the bottom left", "in the bottom left", "in the lower left", "at the lower left"),
-    ("at the bottom", "at the bottom center", "in the lower middle"),
-    ("at the bottom right", "in the bottom right", "in the lower right", "at the lower right"),
+    ("at the top left", "in the top left", "in the upper left", "at the upper left", "at the top-left",
+     "in the upper-left area"),
+    ("at the top", "at the top center", "in the upper middle", "at the top centre", "near the top"),
+    ("at the top right", "in the top right", "in the upper right", "at the upper right", "at the top-right",
+     "in the upper-right area"),
+    ("on the left", "at the left", "on the left side", "to the left", "at the middle left"),
+    ("in the center", "in the middle", "at the center", "in the centre", "at the centre"),
+    ("on the right", "at the right", "on the right side", "to the right", "at the middle right"),
+    ("at the bottom left", "in the bottom left", "in the lower left", "at the lower left", "at the bottom-left",
+     "in the lower-left area"),
+    ("at the bottom", "at the bottom center", "in the lower middle", "at the bottom centre", "near the bottom"),
+    ("at the bottom right", "in the bottom right", "in the lower right", "at the lower right", "at the bottom-right",
+     "in the lower-right area"),
 )
 _HELD_CELL = (
     ("in the top left corner",), ("along the top edge",), ("in the top right corner",),
     ("on the left edge",), ("right in the middle",), ("on the right edge",),
     ("in the bottom left corner",), ("along the bottom edge",), ("in the bottom right corner",),
 )
-_TRAIN_SHAPE = {s: (s,) for s in SHAPES} | {"square": ("square", "box"), "cross": ("cross", "plus sign")}
+_TRAIN_SHAPE = {s: (s,) for s in SHAPES} | {"square": ("square", "box"), "cross": ("cross", "plus sign"),
+                                             "circle": ("circle", "disc"), "star": ("star", "five-pointed star")}
 _HELD_SHAPE = {s: (s,) for s in SHAPES} | {"diamond": ("rhombus",), "cross": ("plus",)}
 _TRAIN_COLOR = {c: (c,) for c in COLORS} | {"gray": ("gray", "grey")}
 _HELD_COLOR = {c: (c,) for c in COLORS} | {"gray": ("grey",)}
-_TRAIN_BG = ("on a {} background", "on {}", "against a {} background", "with a {} background")
+_TRAIN_BG = ("on a {} background", "on {}", "against a {} background", "with a {} background",
+             "on a {} canvas", "in front of a {} background")
+# sentence frames around the objects (training only; "{body}" is the objects, "{bg}" the background phrase)
+_TRAIN_FRAMES = ("{body} {bg}", "there is {body} {bg}", "an image of {body} {bg}", "a picture showing {body} {bg}",
+                 "{bg_first}, {body}")
 _HELD_BG = ("over a {} backdrop", "set on plain {}")
-_TRAIN_JOIN = (", ", " and ")
+_TRAIN_JOIN = (", ", " and ", " with ")
 _HELD_JOIN = ("; ", " plus ")
 
 
@@ -127,7 +136,12 @@ def paraphrase_caption(objects: Sequence[ShapeObject], background: str, rng: ran
     if join.strip() == "plus":
         body = phrases[0] if len(phrases) == 1 else " plus ".join(phrases)
     bg = rng.choice(bgs).format(rng.choice(colors.get(background, (background,))))
-    return f"{body} {bg}"
+    if held_out or rng.random() < 0.5:  # held-out captions draw nothing more: evaluation scenes stay fixed
+        return f"{body} {bg}"
+    frame = rng.choice(_TRAIN_FRAMES)
+    if "{bg_first}" in frame and not bg.startswith(("on a", "against")):
+        frame = _TRAIN_FRAMES[0]
+    return frame.format(body=body, bg=bg, bg_first=bg[0].upper() + bg[1:])
 
 
 def shape_polygons(shape: str, cx: float, cy: float, side: float) -> list[list[tuple[float, float]]] | None:
