@@ -28,11 +28,16 @@ from mmgen.model.vocab import Vocabulary
 from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
 from mmgen.text.encoder import SentenceEncoder
 from mmgen.text.quoted import split_prompts
-from mmgen.train.common import (MetricsLog, cosine_lr, load_train_state, past_time_limit,
+from mmgen.train.common import (MetricsLog, check_sections, cosine_lr, load_train_state, past_time_limit,
                                  read_yaml, save_train_state, should_resume)
 from mmgen.worlds import shapes
 
 log = logging.getLogger(__name__)
+
+
+AR_RECIPE_SECTIONS = {"architecture": None,  # checked by ARConfig
+                      "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "cond_dropout", "save_every",
+                                   "log_every", "seed", "world", "exclude_combos", "sampling_defaults", "see_batch"}}
 
 
 def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
@@ -93,6 +98,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     from accelerate import Accelerator
 
     recipe = read_yaml(recipe_path)
+    check_sections(recipe, AR_RECIPE_SECTIONS, f"recipe {recipe_path}")
     tr = recipe.get("training", {})
     steps = steps or int(tr.get("steps", 10000))
     seed = seed if seed is not None else int(tr.get("seed", 0))

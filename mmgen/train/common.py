@@ -133,6 +133,24 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def check_sections(recipe: dict, allowed: dict[str, set[str] | None], where: str) -> None:
+    """A recipe's top-level sections and its keys in each are known ones (``allowed``: section -> keys, or
+    None for a section checked elsewhere): a misspelt key would otherwise be ignored and the run would train
+    with the default instead, silently."""
+    unknown = sorted(set(recipe) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown recipe sections {unknown}; known: {sorted(allowed)}")
+    for section, keys in allowed.items():
+        value = recipe.get(section, {})
+        if keys is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: recipe section {section!r} must be a mapping, got {value!r}")
+        bad = sorted(set(value) - keys)
+        if bad:
+            raise ValueError(f"{where}: unknown keys {bad} in section {section!r}; known: {sorted(keys)}")
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int, final_frac: float = 0.1) -> float:
     import math
 

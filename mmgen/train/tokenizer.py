@@ -14,13 +14,12 @@ from tqdm.auto import tqdm
 from mmgen.data.shapes_data import folder_batches, training_batches
 from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer
 from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer
-
-TOKENIZER_TYPES = {"vq_image": (VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer),
-                   "binary_text": (BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer)}
-from mmgen.train.common import (MetricsLog, cosine_lr, load_train_state, past_time_limit, read_yaml,
-                                 save_train_state, should_resume)
+from mmgen.train.common import (MetricsLog, check_sections, cosine_lr, load_train_state, past_time_limit,
+                                read_yaml, save_train_state, should_resume)
 
 log = logging.getLogger(__name__)
+TOKENIZER_TYPES = {"vq_image": (VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer),
+                   "binary_text": (BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer)}
 
 
 def edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
@@ -68,6 +67,12 @@ def content_crops(x: torch.Tensor, crop: int, align: int, gen: torch.Generator, 
     return crops, best
 
 
+TOKENIZER_RECIPE_SECTIONS = {"type": None, "architecture": None, "codebook": None,  # checked by the config class
+                             "data": {"world"},
+                             "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "edge_weight", "crop",
+                                          "restart_every", "unquantized_warmup", "save_every", "log_every", "seed"}}
+
+
 def build_tokenizer(recipe: dict):
     kind = recipe.get("type", "vq_image")
     if kind not in TOKENIZER_TYPES:
@@ -88,6 +93,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     recipe = read_yaml(recipe_path)
+    check_sections(recipe, TOKENIZER_RECIPE_SECTIONS, f"recipe {recipe_path}")
     tr = recipe.get("training", {})
     steps = steps or int(tr.get("steps", 6000))
     seed = seed if seed is not None else int(tr.get("seed", 0))
