@@ -3,11 +3,12 @@
 decoder. Built for the text world (long-text images), where glyph strokes are thin and a patch VQ with a
 small codebook smears them.
 
-The projector (a pre-norm transformer encoder over the token grid with learnt 2-D positions) lets each
-token's bits depend on its neighbours, which is what the binary text tokenizers of the long-text papers
+The projector (a pre-norm transformer encoder over the token grid with learnt 2-D positions, attention
+limited to a window of neighbours) lets each token's bits depend on its neighbours, which is what the binary text tokenizers of the long-text papers
 use to spend their bits on strokes rather than background. How mmgen's differs: no GAN or perceptual loss
 (not trainable offline at this size), the same edge-weighted L1 + L2 reconstruction loss as the patch VQ,
-and the LFQ entropy term factorised over bits (see ``BinaryQuantizer``).
+the LFQ entropy term computed within groups of bits (see ``BinaryQuantizer``), and training on crops
+(``mmgen.train.tokenizer.content_crops``) with the projector's window smaller than a crop.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class BinaryTextConfig:
     bits: int = 13               # B bits per token; vocabulary 2^B
     projector_layers: int = 2
     projector_heads: int = 4
+    projector_window: int = 3    # projector attention reaches tokens at most this many rows/columns away (0: all)
     commit_weight: float = 0.25
     entropy_weight: float = 0.05
     diversity_gamma: float = 1.0
@@ -89,11 +91,25 @@ class BinaryTextTokenizer(GridImageTokenizer):
         cols = offset[:, 1:, None] + torch.arange(w, device=offset.device)[None, None, :]
         return self.pos[(rows * g + cols).reshape(len(offset), -1)]
 
+    def local_mask(self, h: int, w: int, device) -> torch.Tensor | None:
+        """Additive attention mask letting each token of an (h, w) grid attend to the tokens at most
+        ``projector_window`` rows and columns away. Training sees 64x64 crops (8x8 tokens) and encoding the
+        whole 32x32 grid; with a window smaller than the crop, a token has the same neighbourhood in both
+        (except at the crop's border), rather than 64 keys in training and 1,024 when encoding."""
+        r = self.config.projector_window
+        if r <= 0 or (r >= h - 1 and r >= w - 1):
+            return None
+        yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        yy, xx = yy.flatten(), xx.flatten()
+        near = ((yy[:, None] - yy[None]).abs() <= r) & ((xx[:, None] - xx[None]).abs() <= r)
+        return torch.zeros(near.shape, device=device).masked_fill(~near, float("-inf"))
+
     def latents(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, 3, H, W) in [0, 1] -> continuous bit latents (b, B, h, w). ``offset``: see ``positions``."""
         f = self.encoder(x * 2 - 1)
         h, w = f.shape[-2:]
-        t = self.projector(rearrange(f, "b d h w -> b (h w) d") + self.positions(h, w, offset))
+        t = self.projector(rearrange(f, "b d h w -> b (h w) d") + self.positions(h, w, offset),
+                           mask=self.local_mask(h, w, f.device))
         return rearrange(self.to_bits(t), "b (h w) c -> b c h w", h=h, w=w)
 
     def forward(self, x: torch.Tensor, quantize: bool = True, offset: torch.Tensor | None = None):

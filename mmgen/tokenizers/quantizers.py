@@ -110,7 +110,7 @@ class BinaryQuantizer(nn.Module):
 
     @staticmethod
     def _bit_entropy(p: torch.Tensor) -> torch.Tensor:
-        p = p.clamp(1e-6, 1 - 1e-6)
+        p = p.float().clamp(1e-6, 1 - 1e-6)
         return -(p * p.log() + (1 - p) * (1 - p).log())
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -131,7 +131,7 @@ class BinaryQuantizer(nn.Module):
     def batch_entropy(self, p: torch.Tensor) -> torch.Tensor:
         """Entropy of the mean code distribution of bit probabilities p (b, B, h, w), summed over groups of
         ``group_bits`` bits (exact within a group; the split is random while training, fixed in eval)."""
-        flat = rearrange(p, "b c h w -> (b h w) c").clamp(1e-6, 1 - 1e-6)
+        flat = rearrange(p.float(), "b c h w -> (b h w) c").clamp(1e-6, 1 - 1e-6)  # fp32: 1 - 1e-6 is 1 in fp16
         order = torch.randperm(self.bits, device=p.device) if self.training else torch.arange(self.bits, device=p.device)
         total = p.new_zeros(())
         for group in order.split(self.group_bits):

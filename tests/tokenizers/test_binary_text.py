@@ -117,6 +117,26 @@ def test_a_crop_gets_the_positions_it_has_in_the_full_grid():
         tok.latents(crop, torch.tensor([[5, 0]]))
 
 
+def test_projector_attention_stays_within_its_window():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    tok = BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["debug"], projector_window=1)).eval()
+    mask = tok.local_mask(4, 5, "cpu")
+    assert mask.shape == (20, 20)
+    for i in range(20):
+        for j in range(20):
+            near = abs(i // 5 - j // 5) <= 1 and abs(i % 5 - j % 5) <= 1
+            assert (mask[i, j] == 0) == near and (mask[i, j] == float("-inf")) == (not near)
+    # a token's projector output ignores the features of a token outside its window
+    feats = torch.randn(1, 20, tok.config.latent_channels)
+    far = feats.clone()
+    far[0, 19] += 5.0  # row 3, column 4: outside token 0's window
+    out = [tok.projector(f, mask=mask)[0, 0] for f in (feats, far)]
+    assert torch.allclose(out[0], out[1], atol=1e-6)
+    assert BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["debug"], projector_window=0)).local_mask(4, 5, "cpu") is None
+
+
 def test_content_crops_prefer_ink_and_sit_on_the_token_grid():
     from mmgen.train.tokenizer import content_crops
 
