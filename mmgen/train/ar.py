@@ -148,7 +148,8 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             unwrapped = acc.unwrap_model(wrapped)
             save_train_state(state_dir, unwrapped, opt, step, {"minutes": minutes0 + (time.time() - t_start) / 60})
             pipe = TextToImagePipeline(tokenizer, unwrapped, text, tr.get("sampling_defaults"),
-                                       tasks=["draw", "see"] if see_batch else ["draw"])
+                                       tasks=["draw", "see"] if see_batch else ["draw"],
+                                       world=None if data else tr.get("world", "shapes"))
             pipe.save_pretrained(out / "pipeline", dtype=None)
         acc.wait_for_everyone()
 

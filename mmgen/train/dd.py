@@ -148,7 +148,7 @@ def train_dd(teacher: str, output: str, pairs: int = 4096, steps: int = 1500, ba
             save_train_state(state_dir, unwrapped, opt, step, {"minutes": minutes0 + (time.time() - t_start) / 60})
             unwrapped.eval()
             TextToImagePipeline(pipe.tokenizer, pipe.model, pipe.text_encoder, pipe.defaults,
-                                unwrapped).save_pretrained(out / "pipeline", dtype=None)
+                                unwrapped, pipe.tasks, pipe.world).save_pretrained(out / "pipeline", dtype=None)
             unwrapped.train()
         acc.wait_for_everyone()
 

@@ -121,26 +121,36 @@ def wrap(text: str, font_name: str, size: str, canvas: int = 256) -> list[str]:
     return lines
 
 
-def _named(words_by_key: dict, prompt: str) -> str | None:
-    """The key whose word the prompt names (longest word first: "sans-serif" is not "serif"), else None."""
+_LETTERING = r"(?:letters|lettering|type|typeface|font|characters|print)"
+
+
+def _named(words_by_key: dict, prompt: str) -> tuple[str | None, list[str]]:
+    """(the key said of the lettering: the word nearest before "letters", "type", ... within four words, as
+    in "large blue serif letters"; every key named anywhere). Longer words win where they overlap
+    ("sans-serif" and "sans serif" are sans, not serif)."""
     pairs = sorted(((w, k) for k, ws in words_by_key.items() for w in (*ws, k)), key=lambda p: -len(p[0]))
-    for word, key in pairs:
-        if re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", prompt, flags=re.IGNORECASE):
-            return key
-    return None
+    key_of = {w.lower(): k for w, k in pairs}
+    word_re = re.compile(rf"(?<![\w-])({'|'.join(re.escape(w) for w, _ in pairs)})(?![\w-])", re.IGNORECASE)
+    said = None
+    for m in re.finditer(rf"((?:[\w-]+\s+){{1,4}}){_LETTERING}\b", prompt, flags=re.IGNORECASE):
+        hits = word_re.findall(m.group(1))
+        if hits:
+            said = key_of[hits[-1].lower()]
+            break
+    return said, [key_of[w.lower()] for w in word_re.findall(prompt)]
 
 
 def check_prompt_text(rest: str, text: str, canvas: int = 256) -> list[str]:
     """What a text-world checkpoint checks before it writes: ``text`` (the prompt's quoted part) is not empty,
-    uses only the world's alphabet, and fits the canvas at the size the prompt names (``rest``: the prompt
-    without the quoted text; with no size named, the smallest, so only what fits at no size is refused).
-    Returns the wrapped lines; a ValueError says what is wrong."""
+    uses only the world's alphabet, and fits the canvas at the size the prompt gives the lettering (``rest``:
+    the prompt without the quoted text; "large" in "a large poster" says nothing of the letters, so with no
+    size said of them the check uses small: only what fits at no size is refused). Returns the wrapped lines; a ValueError says what is wrong."""
     if not text.strip():
         raise ValueError('this checkpoint writes the text between double quotes, and the prompt has none (or an '
                          'empty quote): e.g. a white card with the text "Hello world" in large blue serif letters')
-    size = _named(_SIZE_WORDS, rest) or "small"
-    font_name = _named(_FONT_WORDS, rest) or "sans"
-    return wrap(text, font_name, size, canvas)
+    size = _named(_SIZE_WORDS, rest)[0] or "small"
+    said, named = _named({**_FONT_WORDS, "sans": (*_FONT_WORDS["sans"], "sans serif")}, rest)
+    return wrap(text, said or (named[0] if named else "sans"), size, canvas)
 
 
 def render(text: str, font_name: str = "sans", size: str = "medium", color: str = "black",

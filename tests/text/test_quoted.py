@@ -7,7 +7,7 @@ from mmgen.model.transformer import MMGenTransformer
 from mmgen.model.vocab import Vocabulary
 from mmgen.pipelines.text_to_image import TextToImagePipeline
 from mmgen.text.quoted import byte_slot, split_prompts, split_quoted
-from tests.conftest import make_debug_model, make_debug_tokenizer
+from tests.conftest import make_debug_model
 
 PROMPT = 'a white card with the text "Hello world" in large blue serif letters, center aligned'
 
@@ -47,7 +47,7 @@ def _bytes_pipeline(text_encoder, length=16):
     with torch.no_grad():
         model.modality_embed.weight.normal_(0, 0.5)
         model.llama.embed_tokens.weight.normal_(0, 1.0)
-    return TextToImagePipeline(tok, model, text_encoder, {"guidance_scale": 2.0})
+    return TextToImagePipeline(tok, model, text_encoder, {"guidance_scale": 2.0}, world="text")
 
 
 def test_quoted_bytes_reach_the_model_and_batch_equals_single(text_encoder):
@@ -75,6 +75,16 @@ def test_quoted_bytes_reach_the_model_and_batch_equals_single(text_encoder):
         with pytest.raises(ValueError, match=match) as err:
             pipe(prompt)
         assert prompt[:20] in str(err.value)
+    # the size said of the letters counts, not the card's; a typographic apostrophe is the world's '
+    six = 'with the text "A\nB\nC\nD\nE\nF"'  # six lines: a 64x64 canvas holds 7 small, 5 large
+    pipe(f"a large poster {six} in small letters", output_type="pt")
+    with pytest.raises(ValueError, match="needs 6 lines; at large size"):
+        pipe(f"a small poster {six} in large letters")
+    pipe('a card with the text "Don\u2019t stop" in small letters', output_type="pt")
+    # the same model trained on a user's captions (no world) checks only the slot's length
+    pipe.world = None
+    pipe("a card with no quoted text at all", output_type="pt")
+    pipe.world = "text"
     with pytest.raises(ValueError, match="AR sampler"):
         pipe.student = object()  # any student: the byte slot is refused before it is used
         try:
@@ -104,3 +114,12 @@ def test_text_world_training_with_byte_slot(tmp_path):
     bad.write_text(yaml.safe_dump({"architecture": {"size": "debug"}, "training": {"world": "video", "steps": 1}}))
     with pytest.raises(ValueError, match="unknown training world"):
         train_ar(str(bad), str(tmp_path / "tok"), str(tmp_path / "bad"), progress=False)
+
+
+def test_the_training_world_is_saved_with_the_pipeline(tmp_path, text_encoder):
+    pipe = _bytes_pipeline(text_encoder)
+    pipe.save_pretrained(tmp_path / "p", dtype=None)
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "p", text_encoder=text_encoder)
+    assert loaded.world == "text"
+    with pytest.raises(ValueError, match="between double quotes"):
+        loaded("a card with no quoted text at all")
