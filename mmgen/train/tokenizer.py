@@ -93,6 +93,12 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     recipe = read_yaml(recipe_path)
+    kind = recipe.get("type", "vq_image")
+    if kind not in TOKENIZER_TYPES:  # before the key check: a SEED or CLIP recipe has other keys
+        hint = {"seed": "mmgen train seed-tokenizer or seed-decoder",
+                "open_clip_shapes": "mmgen train clip"}.get(kind)
+        raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZER_TYPES)}"
+                         + (f" (a {kind} recipe trains with {hint})" if hint else ""))
     check_sections(recipe, TOKENIZER_RECIPE_SECTIONS, f"recipe {recipe_path}")
     tr = recipe.get("training", {})
     steps = steps or int(tr.get("steps", 6000))
