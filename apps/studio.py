@@ -16,7 +16,6 @@ taking ``(image, checkpoint)`` and returning the caption.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

@@ -33,9 +33,8 @@ Q-Former; this one starts from scratch on a CPU):
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,8 +42,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mmgen.tokenizers.base import (CheckpointError, TokenLayout, Tokenizer, load_part, load_state_strict,
-                                   save_part)
+from mmgen.tokenizers.base import (CheckpointError, TokenLayout, Tokenizer, load_part, save_part)
 from mmgen.tokenizers.clip_shapes import ShapesCLIP, contrastive
 from mmgen.tokenizers.quantizers import VectorQuantizer
 from mmgen.tokenizers.vq_image import VQImageTokenizer, images_to_tensor, tensor_to_images

@@ -3,7 +3,6 @@ import importlib.util
 import os
 import shutil
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

@@ -1,11 +1,10 @@
 """ZipVL: sparse prefill and the mixed-precision KV cache, checked against the dense model."""
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from mmgen.model.zipvl import (ATTENTION_NAME, ZipVLCache, ZipVLOptions, _pack, _unpack, important_mask,
+from mmgen.model.zipvl import (ATTENTION_NAME, ZipVLOptions, _pack, _unpack, important_mask,
                                probe_positions, quantize_keys, quantize_values, received_mass,
                                sparse_causal_attention)
 from mmgen.sampling.ar import SamplingOptions, sample_ar
