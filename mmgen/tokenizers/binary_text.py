@@ -4,10 +4,10 @@ decoder. Built for the text world (long-text images), where glyph strokes are th
 small codebook smears them.
 
 The projector (a pre-norm transformer encoder over the token grid with learnt 2-D positions, attention
-limited to a window of neighbours) lets each token's bits depend on its neighbours, which is what the binary text tokenizers of the long-text papers
-use to spend their bits on strokes rather than background. How mmgen's differs: no GAN or perceptual loss
-(not trainable offline at this size), the same edge-weighted L1 + L2 reconstruction loss as the patch VQ,
-the LFQ entropy term computed within groups of bits (see ``BinaryQuantizer``), and training on crops
+limited to a window of neighbours) lets each token's bits depend on its neighbours, which is what the binary
+text tokenizers of the long-text papers use to spend their bits on strokes rather than background. How
+mmgen's differs: no GAN or perceptual loss (not trainable offline at this size), the same edge-weighted
+L1 + L2 reconstruction loss as the patch VQ, the LFQ entropy term computed within groups of bits (see ``BinaryQuantizer``), and training on crops
 (``mmgen.train.tokenizer.content_crops``) with the projector's window smaller than a crop.
 """
 from __future__ import annotations

@@ -132,11 +132,12 @@ class BinaryQuantizer(nn.Module):
         """Entropy of the mean code distribution of bit probabilities p (b, B, h, w), summed over groups of
         ``group_bits`` bits (exact within a group; the split is random while training, fixed in eval)."""
         flat = rearrange(p.float(), "b c h w -> (b h w) c").clamp(1e-6, 1 - 1e-6)  # fp32: 1 - 1e-6 is 1 in fp16
-        order = torch.randperm(self.bits, device=p.device) if self.training else torch.arange(self.bits, device=p.device)
-        total = p.new_zeros(())
+        dev = p.device
+        order = torch.randperm(self.bits, device=dev) if self.training else torch.arange(self.bits, device=dev)
+        total = flat.new_zeros(())
         for group in order.split(self.group_bits):
             g = len(group)
-            codes = ((torch.arange(2 ** g, device=p.device)[:, None] >> torch.arange(g, device=p.device)) & 1).to(p.dtype)
+            codes = ((torch.arange(2 ** g, device=dev)[:, None] >> torch.arange(g, device=dev)) & 1).float()
             logp = flat[:, group].log() @ codes.T + (1 - flat[:, group]).log() @ (1 - codes).T  # (n, 2^g)
             mean = logp.exp().mean(0)
             total = total - (mean * mean.clamp_min(1e-12).log()).sum()

@@ -42,6 +42,12 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, edge_weight: 
     return (w * (err.abs() + err.pow(2))).sum() / (w.sum() * 3)
 
 
+def check_crop(crop: int, align: int, size: int) -> None:
+    if crop % align or not align <= crop <= size:
+        raise ValueError(f"training.crop must be a multiple of the downsample {align} between {align} and {size}, "
+                         f"got {crop}")
+
+
 def content_crops(x: torch.Tensor, crop: int, align: int, gen: torch.Generator, candidates: int = 4):
     """Random ``crop`` x ``crop`` windows of a batch, one per image, top-left corners on the token grid
     (multiples of ``align``): of ``candidates`` random corners per image the one with the most colour edges
@@ -50,9 +56,7 @@ def content_crops(x: torch.Tensor, crop: int, align: int, gen: torch.Generator, 
     Training on crops makes a step about (H / crop)^2 cheaper; the tokenizer's layers are convolutions plus
     (the binary tokenizer) a projector that is given each crop's positions in the full grid."""
     b, _, h, w = x.shape
-    if crop % align or not align <= crop <= min(h, w):
-        raise ValueError(f"training.crop must be a multiple of the downsample {align} between {align} and {h}, "
-                         f"got {crop}")
+    check_crop(crop, align, min(h, w))
     slots = (h - crop) // align + 1
     corners = torch.randint(0, slots, (b, candidates, 2), generator=gen)
     edges = edge_weights(x, 1.0) - 1  # 1 within a pixel of an edge
@@ -73,11 +77,19 @@ TOKENIZER_RECIPE_SECTIONS = {"type": None, "architecture": None, "codebook": Non
                                           "restart_every", "unquantized_warmup", "save_every", "log_every", "seed"}}
 
 
-def build_tokenizer(recipe: dict):
+def tokenizer_type(recipe: dict) -> tuple:
+    """The recipe's (configs, config class, tokenizer class); a SEED or CLIP recipe is told its command."""
     kind = recipe.get("type", "vq_image")
     if kind not in TOKENIZER_TYPES:
-        raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZER_TYPES)}")
-    configs, config_cls, tokenizer_cls = TOKENIZER_TYPES[kind]
+        hint = {"seed": "mmgen train seed-tokenizer or seed-decoder",
+                "open_clip_shapes": "mmgen train clip"}.get(kind)
+        raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZER_TYPES)}"
+                         + (f" (a {kind} recipe trains with {hint})" if hint else ""))
+    return TOKENIZER_TYPES[kind]
+
+
+def build_tokenizer(recipe: dict):
+    configs, config_cls, tokenizer_cls = tokenizer_type(recipe)
     arch = dict(recipe.get("architecture", {}))
     base = configs[arch.pop("size", "base")]
     try:
@@ -93,12 +105,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     recipe = read_yaml(recipe_path)
-    kind = recipe.get("type", "vq_image")
-    if kind not in TOKENIZER_TYPES:  # before the key check: a SEED or CLIP recipe has other keys
-        hint = {"seed": "mmgen train seed-tokenizer or seed-decoder",
-                "open_clip_shapes": "mmgen train clip"}.get(kind)
-        raise ValueError(f"unknown tokenizer type {kind!r}; expected one of {sorted(TOKENIZER_TYPES)}"
-                         + (f" (a {kind} recipe trains with {hint})" if hint else ""))
+    tokenizer_type(recipe)  # before the key check: a SEED or CLIP recipe has other keys
     check_sections(recipe, TOKENIZER_RECIPE_SECTIONS, f"recipe {recipe_path}")
     tr = recipe.get("training", {})
     steps = steps or int(tr.get("steps", 6000))
@@ -134,7 +141,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     crop = int(tr.get("crop", 0)) or None  # train on content-weighted crops of this side (see content_crops)
     align = tok.config.downsample
     if crop is not None:
-        content_crops(torch.zeros(1, 3, size, size), crop, align, torch.Generator())  # a bad crop fails now
+        check_crop(crop, align, size)
     t_start = time.time()
     bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc="tokenizer")
     gen = torch.Generator().manual_seed(seed + 1 + acc.process_index)

@@ -144,7 +144,8 @@ def check_prompt_text(rest: str, text: str, canvas: int = 256) -> list[str]:
     """What a text-world checkpoint checks before it writes: ``text`` (the prompt's quoted part) is not empty,
     uses only the world's alphabet, and fits the canvas at the size the prompt gives the lettering (``rest``:
     the prompt without the quoted text; "large" in "a large poster" says nothing of the letters, so with no
-    size said of them the check uses small: only what fits at no size is refused). Returns the wrapped lines; a ValueError says what is wrong."""
+    size said of them the check uses small: only what fits at no size is refused). Returns the wrapped lines;
+    a ValueError says what is wrong."""
     if not text.strip():
         raise ValueError('this checkpoint writes the text between double quotes, and the prompt has none (or an '
                          'empty quote): e.g. a white card with the text "Hello world" in large blue serif letters')

@@ -134,7 +134,8 @@ def test_projector_attention_stays_within_its_window():
     far[0, 19] += 5.0  # row 3, column 4: outside token 0's window
     out = [tok.projector(f, mask=mask)[0, 0] for f in (feats, far)]
     assert torch.allclose(out[0], out[1], atol=1e-6)
-    assert BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["debug"], projector_window=0)).local_mask(4, 5, "cpu") is None
+    everywhere = BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["debug"], projector_window=0))
+    assert everywhere.local_mask(4, 5, "cpu") is None
 
 
 def test_content_crops_prefer_ink_and_sit_on_the_token_grid():

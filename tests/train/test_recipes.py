@@ -46,9 +46,11 @@ def test_ar_recipes_are_valid_over_their_tokenizer(name, text_encoder):
         TextToImagePipeline(tok, build_model(recipe, tok), text_encoder)
 
 
-@pytest.mark.parametrize("path", [p for p in sorted((ROOT / "tokenizers").glob("*.yaml"))
-                                  if yaml.safe_load(p.read_text()).get("type", "vq_image") in ("vq_image", "binary_text")],
-                         ids=lambda p: p.name)
+GRID_TOKENIZER_RECIPES = [p for p in sorted((ROOT / "tokenizers").glob("*.yaml"))
+                          if yaml.safe_load(p.read_text()).get("type", "vq_image") in ("vq_image", "binary_text")]
+
+
+@pytest.mark.parametrize("path", GRID_TOKENIZER_RECIPES, ids=lambda p: p.name)
 def test_tokenizer_recipes_are_valid(path):
     recipe = yaml.safe_load(path.read_text())
     check_sections(recipe, TOKENIZER_RECIPE_SECTIONS, path.name)
