@@ -6,7 +6,8 @@ lines), colour and alignment checks, PSNR, bits per pixel (tokens x log2(vocabul
 encode + decode seconds per image. The ceiling is Tesseract on the very images the tokenizers reconstruct, so
 ``cer_gap`` (tokenizer CER minus ceiling CER) compares like with like.
 
-    .venv/bin/python benchmarks/text_tokenizers.py --tokenizers checkpoints/text/tokenizer runs/vq_text/tokenizer
+    .venv/bin/python benchmarks/text_tokenizers.py --tokenizers checkpoints/text_tokenizer runs/vq_text/tokenizer
+    .venv/bin/python benchmarks/text_tokenizers.py --quick --tokenizers checkpoints/text_tokenizer   # 5 + 5 scenes
 
 Ends with one JSON line: ``ceiling_cer`` and, per tokenizer (by folder), cer / cer_short / cer_long /
 cer_gap / psnr / bits_per_pixel, and ``binary_beats_vq`` when one of each type is given.
@@ -53,7 +54,8 @@ def reconstruct(tokenizer, samples, batch: int) -> tuple[list, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizers", nargs="+", required=True, help="tokenizer folders (same canvas)")
-    ap.add_argument("--n", type=int, default=40, help="short and long scenes each")
+    ap.add_argument("--n", type=int, default=None, help="short and long scenes each (default 40, --quick 5)")
+    ap.add_argument("--quick", action="store_true", help="5 short and 5 long scenes")
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     if not text_eval.have_tesseract():
@@ -63,7 +65,7 @@ def main() -> None:
     if len(sizes) != 1:
         raise SystemExit(f"error: the tokenizers take different canvases {sorted(sizes)}; compare like with like")
     canvas = sizes.pop()
-    samples = eval_scenes(args.n, canvas)
+    samples = eval_scenes(args.n or (5 if args.quick else 40), canvas)
     ceiling = judge_all([s.image for s in samples], samples, "ocr originals")
     figures = {"canvas": canvas, "scenes": len(samples), "ceiling_cer": round(ceiling["all"]["cer"], 4),
                "ceiling": ceiling, "tokenizers": {}}

@@ -167,7 +167,7 @@ def cmd_train(args) -> int:
         from mmgen.train.tokenizer import train_tokenizer
 
         path = train_tokenizer(args.recipe, args.output, steps=args.steps, resume=args.resume, data=args.data,
-                               seed=args.seed, max_minutes=args.max_minutes)
+                               seed=args.seed, max_minutes=args.max_minutes, init=args.init)
     else:
         from mmgen.train.ar import train_ar
 
@@ -182,7 +182,7 @@ def cmd_train(args) -> int:
 def cmd_eval_text(args) -> int:
     from mmgen.eval import text_eval
     from mmgen.eval.text_run import evaluate_reconstruction, evaluate_text_to_image
-    from mmgen.pipelines.text_to_image import TextToImagePipeline
+    from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
 
     if not text_eval.have_tesseract():
         raise ValueError("text-eval needs the tesseract binary (Debian: tesseract-ocr tesseract-ocr-eng; make setup)")
@@ -190,15 +190,23 @@ def cmd_eval_text(args) -> int:
         raise ValueError("mmgen eval text runs the AR sampler without a negative prompt; "
                          "drop --sampler/--negative-prompt")
     checkpoint = args.checkpoint or "checkpoints/text"
-    pipe = TextToImagePipeline.from_pretrained(checkpoint)
-    canvas = pipe.tokenizer.config.image_size
+    # a tokenizer folder alone (config.json, no model_index.json): its reconstructions only
+    folder = Path(checkpoint)
+    tokenizer_only = (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
+    if tokenizer_only:
+        pipe, tokenizer = None, load_tokenizer(checkpoint)
+    else:
+        pipe = TextToImagePipeline.from_pretrained(checkpoint)
+        tokenizer = pipe.tokenizer
+    canvas = tokenizer.config.image_size
     report = {"checkpoint": checkpoint, "canvas": canvas,
               "ceiling": text_eval.ceiling(n=args.n * 2, canvas=canvas),
-              "reconstruction": evaluate_reconstruction(pipe.tokenizer, n=args.n, progress=not args.quiet)}
+              "reconstruction": evaluate_reconstruction(tokenizer, n=args.n, progress=not args.quiet)}
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, cfg_schedule=args.cfg_schedule, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
-    report["text_to_image"] = evaluate_text_to_image(pipe, n=args.n, seed=args.seed, progress=not args.quiet,
-                                                     **sampling)
+    if pipe is not None:
+        report["text_to_image"] = evaluate_text_to_image(pipe, n=args.n, seed=args.seed, progress=not args.quiet,
+                                                         **sampling)
     text = json.dumps(report, indent=2)
     print(text, flush=True)  # first: a failing write must not lose the evaluation
     if args.json:
@@ -377,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--teacher", help="(dd) the text-to-image checkpoint to distil")
     tr.add_argument("--pairs", type=int, default=4096, help="(dd) teacher (prompt, noise, tokens) pairs (default 4096)")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
+    tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "
+                    "checkpoints/text_tokenizer (fresh optimizer and schedule; the recipe must match it)")
     tr.set_defaults(func=cmd_train)
 
     cp = sub.add_parser("caption", help="image -> text (SEED checkpoints: the model that draws also sees)",
@@ -399,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shapes: shapes-eval (plus captioning accuracy when the checkpoint also sees, e.g. "
                          "checkpoints/seed); text: text-eval (OCR CER short/long, colour, alignment, OCR ceiling); "
                          "each on reconstructions and text-to-image")
-    ev.add_argument("--checkpoint", help="checkpoint folder (default: checkpoints/shapes, or checkpoints/text)")
+    ev.add_argument("--checkpoint", help="checkpoint folder (default: checkpoints/shapes, or checkpoints/text); "
+                    "text also takes a tokenizer folder alone (e.g. checkpoints/text_tokenizer): reconstructions only")
     ev.add_argument("--n", type=int, default=50, help="shapes: prompts per object count and prompt set; text: short "
                     "and long scenes each (default 50)")
     ev.add_argument("--seed", type=int, default=0)

@@ -120,6 +120,12 @@ def test_eval_text_reports_cer_against_the_ocr_ceiling(tmp_path, text_encoder):
     assert r["text_to_image"]["all"]["cer"] > r["ceiling"]["all"]["cer"]
     res = mmgen("eval", "text", "--checkpoint", tmp_path / "missing")
     assert res.returncode == 2 and "does not exist" in res.stderr
+    # a tokenizer folder alone: the same reconstruction figures, and no text-to-image part
+    res = mmgen("eval", "text", "--checkpoint", tmp_path / "text" / "tokenizer", "--n", 1, "--json", report, "-q",
+                timeout=300)
+    assert res.returncode == 0, res.stderr
+    alone = json.loads(report.read_text())
+    assert "text_to_image" not in alone and alone["reconstruction"] == r["reconstruction"]
 
 
 def test_caption_without_a_checkpoint_says_how_to_get_one(tmp_path):

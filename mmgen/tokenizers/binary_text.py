@@ -20,7 +20,7 @@ from torch import nn
 
 from .base import TokenLayout
 from .quantizers import BinaryQuantizer
-from .vq_image import Decoder, Encoder, GridImageTokenizer, VQImageConfig, images_to_tensor
+from .vq_image import GridImageTokenizer, VQImageConfig, codec_classes, images_to_tensor
 
 
 @dataclass
@@ -38,6 +38,8 @@ class BinaryTextConfig:
     entropy_weight: float = 0.05
     diversity_gamma: float = 1.0
     entropy_group_bits: int = 7  # the batch-entropy term is exact within groups of this many bits
+    norm: str = "none"           # conv blocks: "none" or "channel" (per-pixel LayerNorm; see vq_image.ChannelNorm)
+    arch: str = "conv"           # "conv" (strided convs) or "patch" (vq_image.PatchEncoder / PatchDecoder)
 
 
 BINARY_TEXT_CONFIGS = {
@@ -61,8 +63,10 @@ class BinaryTextTokenizer(GridImageTokenizer):
             raise ValueError("latent_channels must be a multiple of projector_heads")
         self.config = config
         conv = dict(image_size=config.image_size, downsample=config.downsample, channels=config.channels,
-                    latent_channels=config.latent_channels, res_blocks=config.res_blocks)
-        self.encoder = Encoder(VQImageConfig(**conv, code_dim=config.latent_channels))
+                    latent_channels=config.latent_channels, res_blocks=config.res_blocks, norm=config.norm,
+                    arch=config.arch)
+        enc, dec = codec_classes(config.arch)
+        self.encoder = enc(VQImageConfig(**conv, code_dim=config.latent_channels))
         g = config.image_size // config.downsample
         d = config.latent_channels
         self.pos = nn.Parameter(torch.randn(g * g, d) * 0.02)
@@ -72,7 +76,7 @@ class BinaryTextTokenizer(GridImageTokenizer):
         self.to_bits = nn.Linear(d, config.bits)
         self.quantizer = BinaryQuantizer(config.bits, config.commit_weight, config.entropy_weight,
                                          config.diversity_gamma, group_bits=config.entropy_group_bits)
-        self.decoder = Decoder(VQImageConfig(**conv, code_dim=config.bits))
+        self.decoder = dec(VQImageConfig(**conv, code_dim=config.bits))
         self.layout = TokenLayout("grid2d", (g, g))
         self.vocab_size = 2 ** config.bits
 

@@ -1,9 +1,12 @@
 """Patch VQ image tokenizer: a LlamaGen-style convolutional VQ autoencoder, sized for the shapes world.
 
 Encoder (strided convs + residual blocks) -> 1x1 projection to the code dimension -> l2-normalised VQ ->
-decoder (residual blocks + transposed convs). Differs from LlamaGen's VQGAN: no attention blocks, no
-GroupNorm, no GAN or perceptual loss (none is trainable offline at this size); the loss is L1 + L2 with
-extra weight on edge pixels, which is what keeps small corners (stars, crosses) sharp.
+decoder (residual blocks + transposed convs). Differs from LlamaGen's VQGAN: no attention blocks, no GAN or
+perceptual loss (none is trainable offline at this size), and normalisation is optional and per pixel
+(``norm="channel"``: a LayerNorm over channels at each position, where VQGAN has GroupNorm, whose statistics
+span the image and so differ between the 64x64 crops the text tokenizers train on and the full page they
+encode); the loss is L1 + L2 with extra weight on edge pixels, which is what keeps small corners (stars,
+crosses) sharp.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ class VQImageConfig:
     codebook_size: int = 1024
     code_dim: int = 8
     beta: float = 0.25
+    norm: str = "none"           # "none" (the shipped shapes tokenizer) or "channel" (per-pixel LayerNorm)
+    arch: str = "conv"           # "conv": strided convs (shapes); "patch": linear patch codec + residual convs (text)
 
 
 VQ_IMAGE_CONFIGS = {
@@ -40,16 +45,39 @@ VQ_IMAGE_CONFIGS = {
 }
 
 
-class ResBlock(nn.Module):
+NORMS = ("none", "channel")
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel of a (b, c, h, w) map (ConvNeXt's channels-first LayerNorm):
+    no statistic crosses positions, so a crop and the whole image see the same normalisation."""
+
     def __init__(self, ch: int):
         super().__init__()
+        self.norm = nn.LayerNorm(ch)
+
+    def forward(self, x):
+        return rearrange(self.norm(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
+
+
+def norm_act(ch: int, norm: str) -> nn.Sequential:
+    """The normalisation (if any) and the SiLU that open every conv block."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return nn.Sequential(ChannelNorm(ch), nn.SiLU()) if norm == "channel" else nn.Sequential(nn.SiLU())
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int, norm: str = "none"):
+        super().__init__()
+        self.act1, self.act2 = norm_act(ch, norm), norm_act(ch, norm)
         self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
         self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # starts as identity: deep stacks train from step one
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x):
-        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+        return x + self.conv2(self.act2(self.conv1(self.act1(x))))
 
 
 class Encoder(nn.Module):
@@ -60,12 +88,12 @@ class Encoder(nn.Module):
         ch = c.channels
         for i in range(stages):
             out = c.latent_channels
-            layers += [nn.SiLU(), nn.Conv2d(ch, out, 4, stride=2, padding=1)]
+            layers += [norm_act(ch, c.norm), nn.Conv2d(ch, out, 4, stride=2, padding=1)]
             ch = out
             if i < stages - 1:
-                layers.append(ResBlock(ch))
-        layers += [ResBlock(ch) for _ in range(c.res_blocks)]
-        layers += [nn.SiLU(), nn.Conv2d(ch, c.code_dim, 1)]
+                layers.append(ResBlock(ch, c.norm))
+        layers += [ResBlock(ch, c.norm) for _ in range(c.res_blocks)]
+        layers += [norm_act(ch, c.norm), nn.Conv2d(ch, c.code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):  # (b, 3, H, W) in [-1, 1] -> (b, code_dim, H/ds, W/ds)
@@ -78,18 +106,67 @@ class Decoder(nn.Module):
         stages = int(np.log2(c.downsample))
         ch = c.latent_channels
         layers: list[nn.Module] = [nn.Conv2d(c.code_dim, ch, 3, padding=1)]
-        layers += [ResBlock(ch) for _ in range(c.res_blocks)]
+        layers += [ResBlock(ch, c.norm) for _ in range(c.res_blocks)]
         for i in range(stages):
             out = c.channels if i == stages - 1 else c.latent_channels
-            layers += [nn.SiLU(), nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1)]
+            layers += [norm_act(ch, c.norm), nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1)]
             ch = out
             if i < stages - 1:
-                layers.append(ResBlock(ch))
-        layers += [nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1)]
+                layers.append(ResBlock(ch, c.norm))
+        layers += [norm_act(ch, c.norm), nn.Conv2d(ch, ch, 3, padding=1), norm_act(ch, c.norm),
+                   nn.Conv2d(ch, 3, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
         return self.net(z)
+
+
+class PatchEncoder(nn.Module):
+    """Space-to-depth (each downsample x downsample patch becomes one vector), a linear projection, residual
+    conv blocks at the token resolution, a linear projection to the code dimension. The residual blocks start
+    as identities, so at initialisation the encoder is linear: an autoencoder built from it starts as a
+    PCA-like patch codec and learns from there. On the text world's thin strokes this learnt faster than the
+    strided-conv encoder, which sat at the background-only reconstruction for hundreds of steps."""
+
+    def __init__(self, c: VQImageConfig):
+        super().__init__()
+        d = c.latent_channels
+        self.net = nn.Sequential(nn.PixelUnshuffle(c.downsample), nn.Conv2d(3 * c.downsample ** 2, d, 1),
+                                 *[ResBlock(d, c.norm) for _ in range(c.res_blocks)], nn.Conv2d(d, c.code_dim, 1))
+
+    def forward(self, x):  # (b, 3, H, W) in [-1, 1] -> (b, code_dim, H/ds, W/ds)
+        return self.net(x)
+
+
+class PatchDecoder(nn.Module):
+    """The PatchEncoder's mirror: a 3x3 conv from the codes (so a token sees its neighbours' codes), residual
+    conv blocks, a linear projection to each patch's pixels and depth-to-space (a sub-pixel convolution: a
+    transposed convolution whose kernel equals its stride), then one residual 3x3 conv block at full
+    resolution, started at zero, that smooths the seams between patches."""
+
+    def __init__(self, c: VQImageConfig):
+        super().__init__()
+        d, ch = c.latent_channels, c.channels
+        self.net = nn.Sequential(nn.Conv2d(c.code_dim, d, 3, padding=1),
+                                 *[ResBlock(d, c.norm) for _ in range(c.res_blocks)],
+                                 nn.Conv2d(d, 3 * c.downsample ** 2, 1), nn.PixelShuffle(c.downsample))
+        self.refine = nn.Sequential(nn.Conv2d(3, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, z):
+        x = self.net(z)
+        return x + self.refine(x)
+
+
+ARCHS = {"conv": (Encoder, Decoder), "patch": (PatchEncoder, PatchDecoder)}
+
+
+def codec_classes(arch: str) -> tuple[type, type]:
+    """The (encoder, decoder) classes that ``arch`` names."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    return ARCHS[arch]
 
 
 def images_to_tensor(images, size: int | None = None) -> torch.Tensor:
@@ -191,7 +268,8 @@ class VQImageTokenizer(GridImageTokenizer):
         if config.image_size % config.downsample:
             raise ValueError("image_size must be a multiple of downsample")
         self.config = config
-        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        enc, dec = codec_classes(config.arch)
+        self.encoder, self.decoder = enc(config), dec(config)
         self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.beta)
         g = config.image_size // config.downsample
         self.layout = TokenLayout("grid2d", (g, g))

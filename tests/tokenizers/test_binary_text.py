@@ -152,3 +152,44 @@ def test_content_crops_prefer_ink_and_sit_on_the_token_grid():
         content_crops(x, 12, 8, torch.Generator())
     with pytest.raises(ValueError, match="between"):
         content_crops(x, 128, 8, torch.Generator())
+
+
+def test_channel_norm_is_per_pixel_so_a_crop_decodes_as_in_the_full_image():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    tok = BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["debug"], norm="channel", projector_window=0)).eval()
+    assert any(type(m).__name__ == "ChannelNorm" for m in tok.decoder.modules())
+    ids = torch.randint(0, tok.vocab_size, (1, 8, 8))
+    full = tok.decode(ids)
+    # a pixel far from the crop's border depends only on nearby ids, whatever the rest of the grid holds
+    # (GroupNorm would mix in statistics of the whole map)
+    other = ids.clone()
+    other[:, :, 4:] = torch.randint(0, tok.vocab_size, (1, 8, 4))
+    assert torch.allclose(tok.decode(other)[..., :8, :8], full[..., :8, :8], atol=1e-6)
+    with pytest.raises(ValueError, match="norm must be"):
+        BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["debug"], norm="batch"))
+
+
+def test_training_can_start_from_a_trained_tokenizer(tmp_path):
+    from mmgen.train.tokenizer import build_tokenizer, init_from, train_tokenizer
+
+    arch = {"size": "debug"}
+    recipe = tmp_path / "bt.yaml"
+    recipe.write_text(yaml.safe_dump({"type": "binary_text", "architecture": arch, "data": {"world": "text"},
+                                      "training": {"steps": 2, "batch_size": 2, "warmup": 1, "crop": 32}}))
+    first = train_tokenizer(str(recipe), str(tmp_path / "a"), progress=False)
+    fresh = build_tokenizer(yaml.safe_load(recipe.read_text()))
+    init_from(fresh, str(first))
+    trained = load_tokenizer(first).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+    again = train_tokenizer(str(recipe), str(tmp_path / "b"), steps=1, init=str(first), progress=False)
+    assert json.loads((tmp_path / "b" / "train_state" / "state.json").read_text())["step"] == 1
+    assert isinstance(load_tokenizer(again), BinaryTextTokenizer)
+    with pytest.raises(ValueError, match="give one of them"):
+        train_tokenizer(str(recipe), str(tmp_path / "a"), init=str(first), resume=True, progress=False)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"type": "binary_text", "architecture": {**arch, "bits": 5},
+                                     "data": {"world": "text"}, "training": {"steps": 1, "batch_size": 2}}))
+    with pytest.raises(ValueError, match="bits 6 vs 5"):
+        train_tokenizer(str(other), str(tmp_path / "c"), init=str(first), progress=False)

@@ -91,3 +91,28 @@ def test_images_to_tensor_reads_every_form_at_one_scale():
             images_to_tensor(bad)
     with pytest.raises(ValueError, match="must be 16x16"):
         images_to_tensor(arr, size=16)
+
+
+def test_patch_codec_starts_linear_and_round_trips(tmp_path):
+    from dataclasses import replace
+
+    from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, PatchDecoder, PatchEncoder, VQImageConfig
+
+    torch.manual_seed(0)
+    cfg = replace(VQ_IMAGE_CONFIGS["debug"], arch="patch", image_size=32)
+    enc, dec = PatchEncoder(cfg), PatchDecoder(VQImageConfig(**{**cfg.__dict__, "code_dim": cfg.code_dim}))
+    x, y, zero = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.zeros(2, 3, 32, 32)
+    with torch.no_grad():
+        # residual blocks and the seam refinement start at zero: both halves are affine maps at initialisation
+        assert torch.allclose(enc(x + y) - enc(y), enc(x) - enc(zero), atol=1e-5)
+        u, v, z0 = torch.randn(2, cfg.code_dim, 8, 8), torch.randn(2, cfg.code_dim, 8, 8), torch.zeros(2, cfg.code_dim, 8, 8)
+        assert torch.allclose(dec(u + v) - dec(v), dec(u) - dec(z0), atol=1e-5)
+        assert enc(x).shape == (2, cfg.code_dim, 8, 8) and dec(u).shape == (2, 3, 32, 32)
+    tok = VQImageTokenizer(cfg).eval()
+    img = torch.rand(2, 3, 32, 32)
+    ids = tok.encode(img)
+    assert ids.shape == (2, 64) and tok.decode(ids).shape == (2, 3, 32, 32)
+    tok.save_pretrained(tmp_path / "p")
+    assert torch.equal(VQImageTokenizer.from_pretrained(tmp_path / "p").encode(img), ids)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        VQImageTokenizer(replace(cfg, arch="unet"))

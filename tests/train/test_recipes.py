@@ -22,7 +22,7 @@ class _Grid:
 
 # each AR recipe with the tokenizer recipe it is trained over
 AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_image.yaml",
-                "text_ar_ts2.yaml": "binary_text.yaml", "seed_ar.yaml": "seed.yaml"}
+                "text_ar_ts4.yaml": "binary_text.yaml", "seed_ar.yaml": "seed.yaml"}
 
 
 def test_every_ar_recipe_names_its_tokenizer():
