@@ -1,13 +1,15 @@
 """Token-Shuffle at s = 1, 2, 4 on 256x256 text images, side by side in one run.
 
-The same model width (the ``base`` size: d 256, 6 layers) over the binary text tokenizer's 32x32 grid (1024
-tokens): sequence length, training tokens/s (text-world batches, the AR trainer's loss), and generation
+The same model width (the ``base`` size: d 256, 6 layers) over a binary text tokenizer's grid: 32x32 (1024
+tokens, 8x8-pixel tokens; the default, and the figures in the README) or, with ``--downsample 4``, the shipped
+recipe's 64x64 (4096 tokens of 4x4 pixels, ``tokenizers/binary_text.yaml``): sequence length, training tokens/s (text-world batches, the AR trainer's loss), and generation
 seconds per image at batch 1 and 8 (the pipeline's sampler with CFG). Speed does not depend on what the
 weights learnt, so the models here are freshly initialised; CER needs trained checkpoints, given with
 ``--checkpoints S1 S2 S4`` (folders made by ``mmgen train ar`` with ``shuffle_window`` 1, 2, 4 on the text world);
 without them the CER fields are null.
 
     .venv/bin/python benchmarks/token_shuffle.py --quick
+    .venv/bin/python benchmarks/token_shuffle.py --quick --downsample 4     # the 64x64 grid: s = 1 is 4,403 positions
     .venv/bin/python benchmarks/token_shuffle.py --checkpoints runs/text_s1/pipeline runs/text_s2/pipeline runs/text_s4/pipeline
 
 Ends with one JSON line: speedup_s2_vs_s1, speedup_s4_vs_s1 (batch 1 seconds per image), the batch-8 ratios,
@@ -19,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -42,8 +44,10 @@ PROMPT = 'a white card with the text "Hello world" in large blue serif letters, 
 def build(tokenizer, window: int, text_bytes: int) -> MMGenTransformer:
     torch.manual_seed(0)
     vocab = Vocabulary.build({"image": tokenizer.vocab_size})
+    positions = 48 + text_bytes + 2 + 2 + tokenizer.layout.num_tokens // window ** 2
     cfg = ARConfig(**{**asdict(AR_CONFIGS["base"]), "vocab": vocab.to_dict(), "shuffle_window": window,
-                      "shuffle_grid": tuple(tokenizer.layout.grid), "text_bytes": text_bytes, "max_positions": 1536})
+                      "shuffle_grid": tuple(tokenizer.layout.grid), "text_bytes": text_bytes,
+                      "max_positions": max(1536, positions)})
     return MMGenTransformer(cfg)
 
 
@@ -98,6 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 training steps, 1 generation repeat")
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--downsample", type=int, choices=[4, 8], default=8,
+                    help="tokenizer patch side: 8 (32x32 grid, default) or 4 (64x64, the shipped text recipe)")
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
@@ -106,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.train_steps, args.repeats = 3, 1
-    tokenizer = BinaryTextTokenizer(BINARY_TEXT_CONFIGS["base"]).eval()
+    tokenizer = BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["base"], downsample=args.downsample)).eval()
     text = SentenceEncoder(48)
     rows = {}
     for s in args.windows:

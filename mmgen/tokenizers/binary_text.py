@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from .base import TokenLayout
+from .projector import LocalProjector
 from .quantizers import BinaryQuantizer
 from .vq_image import GridImageTokenizer, VQImageConfig, codec_classes, images_to_tensor
 
@@ -33,7 +34,9 @@ class BinaryTextConfig:
     bits: int = 13               # B bits per token; vocabulary 2^B
     projector_layers: int = 2
     projector_heads: int = 4
-    projector_window: int = 3    # projector attention reaches tokens at most this many rows/columns away (0: all)
+    projector_window: int = 3    # projector attention reaches tokens at most this many rows/columns away (0: all);
+    #                              a window smaller than a training crop gives a token the same neighbourhood in
+    #                              a crop as in the full grid
     commit_weight: float = 0.25
     entropy_weight: float = 0.05
     diversity_gamma: float = 1.0
@@ -70,9 +73,7 @@ class BinaryTextTokenizer(GridImageTokenizer):
         g = config.image_size // config.downsample
         d = config.latent_channels
         self.pos = nn.Parameter(torch.randn(g * g, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, config.projector_heads, 2 * d, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.projector = nn.TransformerEncoder(layer, config.projector_layers, enable_nested_tensor=False)
+        self.projector = LocalProjector(d, config.projector_heads, config.projector_layers, 2 * d)
         self.to_bits = nn.Linear(d, config.bits)
         self.quantizer = BinaryQuantizer(config.bits, config.commit_weight, config.entropy_weight,
                                          config.diversity_gamma, group_bits=config.entropy_group_bits)
@@ -95,25 +96,12 @@ class BinaryTextTokenizer(GridImageTokenizer):
         cols = offset[:, 1:, None] + torch.arange(w, device=offset.device)[None, None, :]
         return self.pos[(rows * g + cols).reshape(len(offset), -1)]
 
-    def local_mask(self, h: int, w: int, device) -> torch.Tensor | None:
-        """Additive attention mask letting each token of an (h, w) grid attend to the tokens at most
-        ``projector_window`` rows and columns away. Training sees 64x64 crops (8x8 tokens) and encoding the
-        whole 32x32 grid; with a window smaller than the crop, a token has the same neighbourhood in both
-        (except at the crop's border), rather than 64 keys in training and 1,024 when encoding."""
-        r = self.config.projector_window
-        if r <= 0 or (r >= h - 1 and r >= w - 1):
-            return None
-        yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        yy, xx = yy.flatten(), xx.flatten()
-        near = ((yy[:, None] - yy[None]).abs() <= r) & ((xx[:, None] - xx[None]).abs() <= r)
-        return torch.zeros(near.shape, device=device).masked_fill(~near, float("-inf"))
-
     def latents(self, x: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, 3, H, W) in [0, 1] -> continuous bit latents (b, B, h, w). ``offset``: see ``positions``."""
         f = self.encoder(x * 2 - 1)
         h, w = f.shape[-2:]
-        t = self.projector(rearrange(f, "b d h w -> b (h w) d") + self.positions(h, w, offset),
-                           mask=self.local_mask(h, w, f.device))
+        t = self.projector(rearrange(f, "b d h w -> b (h w) d") + self.positions(h, w, offset), h, w,
+                           self.config.projector_window)
         return rearrange(self.to_bits(t), "b (h w) c -> b c h w", h=h, w=w)
 
     def forward(self, x: torch.Tensor, quantize: bool = True, offset: torch.Tensor | None = None):
@@ -126,11 +114,13 @@ class BinaryTextTokenizer(GridImageTokenizer):
         return (self.decoder(dec_in) + 1) / 2, q, z
 
     @torch.no_grad()
-    def encode(self, images) -> torch.Tensor:
-        """Images -> (b, h * w) ids in [0, 2^B), row-major."""
+    def encode(self, images, chunk: int = 4) -> torch.Tensor:
+        """Images -> (b, h * w) ids in [0, 2^B), row-major; ``chunk`` images at a time (the projector gathers
+        each token's window: about 0.2 GB per 256x256 page at the base size)."""
         x = images_to_tensor(images).to(self.device)
         self._check(x)
-        return rearrange(self.quantizer(self.latents(x)).ids, "b h w -> b (h w)")
+        ids = [self.quantizer(self.latents(part)).ids for part in x.split(chunk)]
+        return rearrange(torch.cat(ids), "b h w -> b (h w)")
 
     def code_vectors(self) -> torch.Tensor:
         """Every token's +-1 bit vector (2^B, B): what Distilled Decoding's flow map moves noise to."""

@@ -125,8 +125,8 @@ class PatchEncoder(nn.Module):
     """Space-to-depth (each downsample x downsample patch becomes one vector), a linear projection, residual
     conv blocks at the token resolution, a linear projection to the code dimension. The residual blocks start
     as identities, so at initialisation the encoder is linear: an autoencoder built from it starts as a
-    PCA-like patch codec and learns from there. On the text world's thin strokes this learnt faster than the
-    strided-conv encoder, which sat at the background-only reconstruction for hundreds of steps."""
+    PCA-like patch codec and learns from there (docs/ARCHITECTURE.md has the probes that led here: strided-conv
+    text tokenizers sat at the background-only reconstruction for hundreds of steps)."""
 
     def __init__(self, c: VQImageConfig):
         super().__init__()

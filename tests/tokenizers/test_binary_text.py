@@ -117,25 +117,34 @@ def test_a_crop_gets_the_positions_it_has_in_the_full_grid():
         tok.latents(crop, torch.tensor([[5, 0]]))
 
 
-def test_projector_attention_stays_within_its_window():
-    from dataclasses import replace
+@pytest.mark.parametrize("window,h,w", [(1, 4, 5), (2, 6, 6), (0, 3, 4), (4, 3, 3), (2, 11, 13), (4, 16, 16)])
+def test_neighbourhood_projector_equals_a_dense_masked_transformer(window, h, w):
+    from torch import nn
+
+    from mmgen.tokenizers.projector import LocalProjector, window_mask
 
     torch.manual_seed(0)
-    tok = BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["debug"], projector_window=1)).eval()
-    mask = tok.local_mask(4, 5, "cpu")
-    assert mask.shape == (20, 20)
-    for i in range(20):
-        for j in range(20):
-            near = abs(i // 5 - j // 5) <= 1 and abs(i % 5 - j % 5) <= 1
-            assert (mask[i, j] == 0) == near and (mask[i, j] == float("-inf")) == (not near)
-    # a token's projector output ignores the features of a token outside its window
-    feats = torch.randn(1, 20, tok.config.latent_channels)
-    far = feats.clone()
-    far[0, 19] += 5.0  # row 3, column 4: outside token 0's window
-    out = [tok.projector(f, mask=mask)[0, 0] for f in (feats, far)]
-    assert torch.allclose(out[0], out[1], atol=1e-6)
-    everywhere = BinaryTextTokenizer(replace(BINARY_TEXT_CONFIGS["debug"], projector_window=0))
-    assert everywhere.local_mask(4, 5, "cpu") is None
+    local = LocalProjector(16, 4, 2, 32).eval()
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+    dense = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    dense.load_state_dict(local.state_dict())  # the same parameter names: weights move either way
+    x = torch.randn(3, h * w, 16)
+    mask = window_mask(h, w, window) if window else None
+    with torch.no_grad():
+        assert torch.allclose(local(x, h, w, window), dense(x, mask=mask), atol=1e-5)
+    # a token's output ignores a token outside its window
+    far = x.clone()
+    far[:, -1] += 5.0 * torch.randn(16)  # the last row and column (not a constant: LayerNorm would remove it)
+    with torch.no_grad():
+        same = local(far, h, w, window)[:, 0], local(x, h, w, window)[:, 0]
+    assert torch.allclose(*same, atol=1e-6) == (0 < window < max(h, w) - 1)
+
+
+def test_trained_projector_weights_load_and_encode_in_chunks():
+    tok = _tok()
+    x = torch.rand(5, 3, 64, 64)
+    assert torch.equal(tok.encode(x, chunk=2), tok.encode(x, chunk=5))
+    assert "projector.layers.0.self_attn.in_proj_weight" in tok.state_dict()
 
 
 def test_content_crops_prefer_ink_and_sit_on_the_token_grid():
