@@ -126,6 +126,9 @@ def test_eval_text_reports_cer_against_the_ocr_ceiling(tmp_path, text_encoder):
     assert res.returncode == 0, res.stderr
     alone = json.loads(report.read_text())
     assert "text_to_image" not in alone and alone["reconstruction"] == r["reconstruction"]
+    res = mmgen("image", 'a white card with the text "Hi" in large blue serif letters, center aligned',
+                "--checkpoint", tmp_path / "text" / "tokenizer", "-o", tmp_path / "x.png")
+    assert res.returncode == 2 and "tokenizer alone" in res.stderr and not (tmp_path / "x.png").exists()
 
 
 def test_caption_without_a_checkpoint_says_how_to_get_one(tmp_path):

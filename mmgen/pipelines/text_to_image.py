@@ -60,6 +60,10 @@ def read_index(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint folder {directory} does not exist")
     index = directory / "model_index.json"
     if not index.is_file():
+        if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
+            raise CheckpointError(f"{directory} holds a tokenizer alone, not a checkpoint (no model_index.json): "
+                                  "generating needs a model packed with its tokenizer (mmgen pack); "
+                                  f"mmgen eval text --checkpoint {directory} measures its reconstructions")
         raise CheckpointError(f"{directory} is not an mmgen checkpoint (no model_index.json)")
     try:
         return json.loads(index.read_text())
