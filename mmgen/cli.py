@@ -133,6 +133,9 @@ def cmd_image(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.init and args.what != "tokenizer":
+        raise SystemExit(f"error: --init starts a tokenizer run from trained weights; mmgen train {args.what} "
+                         "does not take it (--resume continues a run)")
     if args.what == "dd":
         from mmgen.train.dd import train_dd
 

@@ -21,7 +21,7 @@ from torch import nn
 from .base import TokenLayout
 from .projector import LocalProjector
 from .quantizers import BinaryQuantizer
-from .vq_image import GridImageTokenizer, VQImageConfig, codec_classes, images_to_tensor
+from .vq_image import GridImageTokenizer, VQImageConfig, check_codec, codec_classes, images_to_tensor
 
 
 @dataclass
@@ -43,6 +43,9 @@ class BinaryTextConfig:
     entropy_group_bits: int = 7  # the batch-entropy term is exact within groups of this many bits
     norm: str = "none"           # conv blocks: "none" or "channel" (per-pixel LayerNorm; see vq_image.ChannelNorm)
     arch: str = "conv"           # "conv" (strided convs) or "patch" (vq_image.PatchEncoder / PatchDecoder)
+
+    def __post_init__(self):
+        check_codec(self.arch, self.norm)
 
 
 BINARY_TEXT_CONFIGS = {

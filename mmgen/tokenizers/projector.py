@@ -50,7 +50,12 @@ def blocked_window_attention(q, k, v, h: int, w: int, window: int, heads: int, b
     ky, kx = torch.meshgrid(torch.arange(side, device=q.device), torch.arange(side, device=q.device), indexing="ij")
     near = (((ky.flatten()[None] - window - qy.flatten()[:, None]).abs() <= window)
             & ((kx.flatten()[None] - window - qx.flatten()[:, None]).abs() <= window))  # (block^2, side^2)
-    mask = (near[None] & inside[:, None]).repeat(len(q), 1, 1)[:, None]  # (b * tiles, 1, block^2, side^2)
+    # queries in the tile padding see everything: their rows are thrown away, and a row with no key at all
+    # is NaN in some attention kernels, whose backward would spread it to the real keys of the tile
+    padded = F.pad(torch.ones(h, w, dtype=torch.bool, device=q.device), (0, pw, 0, ph)) == 0
+    padded = rearrange(padded, "(th p1) (tw p2) -> (th tw) (p1 p2)", p1=block, p2=block)
+    mask = (near[None] & inside[:, None]) | padded[:, :, None]  # (tiles, block^2, side^2)
+    mask = mask.repeat(len(q), 1, 1)[:, None]  # (b * tiles, 1, block^2, side^2), batch-major like the tiles
     out = F.scaled_dot_product_attention(tiles, halos(k), halos(v), attn_mask=mask)
     out = rearrange(out, "(b th tw) H (p1 p2) e -> b H (th p1) (tw p2) e", th=bh, tw=bw, p1=block, p2=block)
     return rearrange(out[:, :, :h, :w], "b H h w e -> b H (h w) e")

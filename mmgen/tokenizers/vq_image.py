@@ -38,11 +38,10 @@ class VQImageConfig:
     norm: str = "none"           # "none" (the shipped shapes tokenizer) or "channel" (per-pixel LayerNorm)
     arch: str = "conv"           # "conv": strided convs (shapes); "patch": linear patch codec + residual convs (text)
 
+    def __post_init__(self):
+        check_codec(self.arch, self.norm)
 
-VQ_IMAGE_CONFIGS = {
-    "debug": VQImageConfig(image_size=16, channels=8, latent_channels=16, res_blocks=1, codebook_size=64, code_dim=4),
-    "base": VQImageConfig(),
-}
+
 
 
 NORMS = ("none", "channel")
@@ -162,11 +161,24 @@ class PatchDecoder(nn.Module):
 ARCHS = {"conv": (Encoder, Decoder), "patch": (PatchEncoder, PatchDecoder)}
 
 
+def check_codec(arch: str, norm: str) -> None:
+    """A ValueError naming the choices unless ``arch`` and ``norm`` are known."""
+    codec_classes(arch)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
 def codec_classes(arch: str) -> tuple[type, type]:
     """The (encoder, decoder) classes that ``arch`` names."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     return ARCHS[arch]
+
+
+VQ_IMAGE_CONFIGS = {
+    "debug": VQImageConfig(image_size=16, channels=8, latent_channels=16, res_blocks=1, codebook_size=64, code_dim=4),
+    "base": VQImageConfig(),
+}
 
 
 def images_to_tensor(images, size: int | None = None) -> torch.Tensor:

@@ -105,14 +105,19 @@ def build_tokenizer(recipe: dict):
     return tokenizer_cls(cfg)
 
 
+# config fields that weigh the loss rather than shape the network: a run started with --init may change them
+LOSS_FIELDS = {"beta", "commit_weight", "entropy_weight", "diversity_gamma", "entropy_group_bits"}
+
+
 def init_from(tok, directory: str) -> None:
-    """Copy a trained tokenizer's weights into ``tok``; its type and config must equal ``tok``'s."""
+    """Copy a trained tokenizer's weights into ``tok``; its type and architecture must equal ``tok``'s (the
+    loss weights in ``LOSS_FIELDS`` may differ)."""
     from mmgen.pipelines.text_to_image import load_tokenizer
 
     src = load_tokenizer(directory)
-    if type(src) is not type(tok) or asdict(src.config) != asdict(tok.config):
-        theirs, ours = asdict(src.config), asdict(tok.config)
-        diff = {k: (theirs.get(k), ours.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
+    theirs, ours = asdict(src.config), asdict(tok.config)
+    diff = {k: (theirs.get(k), ours.get(k)) for k in ours if k not in LOSS_FIELDS and theirs.get(k) != ours.get(k)}
+    if type(src) is not type(tok) or diff:
         raise ValueError(f"--init {directory} is a {src.type_name} tokenizer that differs from the recipe's "
                          f"{tok.type_name}: " + (", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items())
                                                  or "another type"))
@@ -165,7 +170,9 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     l1_w = float(tr.get("l1_weight", 1.0))
     restart_every = int(tr.get("restart_every", 20))
     has_codebook = hasattr(tok.quantizer, "restart_dead_codes")  # the VQ; the binary quantiser has none
-    warm = int(tr.get("unquantized_warmup", 300 if has_codebook else 0))
+    # a codebook warms up unquantised and is then reseeded from the latents; one started from trained weights
+    # (--init) is already in use, and reseeding every code one batch missed would throw much of it away
+    warm = int(tr.get("unquantized_warmup", 300 if has_codebook and init is None else 0))
     log_every = int(tr.get("log_every", 25))
     crop = int(tr.get("crop", 0)) or None  # train on content-weighted crops of this side (see content_crops)
     align = tok.config.downsample
@@ -184,7 +191,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)))
         quantize = step >= warm
-        if step == warm and has_codebook:  # empty usage window: the restart below seeds every code from current latents
+        if step == warm and has_codebook and init is None:  # empty usage window: the restart below seeds every code
             unwrapped.quantizer.window_hits.zero_()
         if offset is not None and hasattr(unwrapped, "positions"):  # the binary tokenizer's projector
             recon, q, z = model(x, quantize=quantize, offset=offset.to(acc.device))
@@ -197,7 +204,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if has_codebook and (step == warm + 1 or (step > warm and step % restart_every == 0)):
+        if has_codebook and ((step == warm + 1 and init is None) or (step > warm and step % restart_every == 0)):
             restarted = unwrapped.quantizer.restart_dead_codes(z.detach(), gen)
             if acc.num_processes > 1:  # every process must keep the same codebook: take rank 0's
                 torch.distributed.broadcast(unwrapped.quantizer.embedding.weight.data, src=0)
