@@ -269,6 +269,15 @@ def cmd_pack(args) -> int:
             raise SystemExit(f"error: --defaults is not JSON: {err}") from None
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
+    if args.pipeline is None:  # a tokenizer alone, e.g. a text tokenizer before any model is trained over it
+        from mmgen.pipelines.text_to_image import load_tokenizer
+
+        if not args.tokenizer or args.defaults:
+            raise SystemExit("error: mmgen pack needs --pipeline DIR, or --tokenizer DIR alone (no --defaults) "
+                             "to pack a tokenizer by itself")
+        load_tokenizer(args.tokenizer).save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
+        print(args.output)
+        return 0
     pipe = TextToImagePipeline.from_pretrained(args.pipeline)
     if args.tokenizer:  # e.g. the SEED tokenizer once its diffusion decoder is trained: same codes, new decoder
         from mmgen.pipelines.text_to_image import load_tokenizer
@@ -426,13 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    pk = sub.add_parser("pack", help="turn a trained pipeline folder into a shippable checkpoint")
-    pk.add_argument("--pipeline", required=True)
+    pk = sub.add_parser("pack", help="turn a trained pipeline folder (or a tokenizer alone) into a shippable checkpoint")
+    pk.add_argument("--pipeline", help="a trained pipeline folder (runs/NAME/pipeline)")
     pk.add_argument("--output", required=True)
     pk.add_argument("--defaults", help='JSON of sampling defaults, e.g. \'{"guidance_scale": 3}\'')
     pk.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16)")
-    pk.add_argument("--tokenizer", help="replace the tokenizer by this one with the same codebook (e.g. SEED with "
-                                        "its trained diffusion decoder)")
+    pk.add_argument("--tokenizer", help="with --pipeline: replace the tokenizer by this one with the same codebook "
+                                        "(e.g. SEED with its trained diffusion decoder); alone: pack this tokenizer "
+                                        "folder by itself (e.g. runs/binary_text/tokenizer)")
     pk.set_defaults(func=cmd_pack)
 
     sub.add_parser("studio", help="the Gradio web studio (mmgen studio --help for its options)", add_help=False)

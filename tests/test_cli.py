@@ -168,6 +168,21 @@ def test_bad_outputs_options_and_defaults_fail_before_work(tmp_path, debug_check
                  "--defaults", '{"top_k": 5, "guidance_scale": 2}']) == 0
     index = json.loads((tmp_path / "packed" / "model_index.json").read_text())
     assert index["defaults"]["top_k"] == 5 and index["defaults"]["guidance_scale"] == 2.0
+    # a tokenizer packed alone: fp16 weights that load and encode as the fp32 ones (nearly) do
+    import torch
+
+    from mmgen.pipelines.text_to_image import load_tokenizer
+    from safetensors.torch import load_file
+
+    assert main(["pack", "--tokenizer", str(debug_checkpoint / "tokenizer"), "--output", str(tmp_path / "tok")]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "tok" / "model.safetensors").values()} <= {torch.float16, torch.int64}
+    x = torch.rand(2, 3, 16, 16)
+    same = load_tokenizer(tmp_path / "tok").encode(x) == load_tokenizer(debug_checkpoint / "tokenizer").encode(x)
+    assert same.float().mean() > 0.9
+    for argv in (["pack", "--output", str(tmp_path / "none")],
+                 ["pack", "--tokenizer", str(debug_checkpoint / "tokenizer"), "--defaults", "{}", "--output", "x"]):
+        with pytest.raises(SystemExit, match="--tokenizer DIR alone"):
+            main(argv)
 
 
 def test_studio_is_found_after_global_options(monkeypatch):
