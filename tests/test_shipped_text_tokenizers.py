@@ -11,9 +11,10 @@ from mmgen.pipelines.text_to_image import load_tokenizer
 from mmgen.tokenizers.vq_image import tensor_to_images
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
-# folder -> (tokenizer type, least PSNR in dB, most CER on the four short scenes below)
-SHIPPED = {"text_tokenizer": ("binary_text", 24.0, 0.15),
-           "text_tokenizer_vq": ("vq_image", 24.0, 0.15)}
+# folder -> (tokenizer type, least PSNR in dB, most mean CER on the four short scenes below); measured here
+# 27.8 dB and CER 0.049 (binary), 32.9 dB and 0.000 (patch VQ)
+SHIPPED = {"text_tokenizer": ("binary_text", 26.0, 0.15),
+           "text_tokenizer_vq": ("vq_image", 30.0, 0.10)}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

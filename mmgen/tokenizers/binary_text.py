@@ -4,11 +4,15 @@ decoder. Built for the text world (long-text images), where glyph strokes are th
 small codebook smears them.
 
 The projector (a pre-norm transformer encoder over the token grid with learnt 2-D positions, attention
-limited to a window of neighbours) lets each token's bits depend on its neighbours, which is what the binary
-text tokenizers of the long-text papers use to spend their bits on strokes rather than background. How
-mmgen's differs: no GAN or perceptual loss (not trainable offline at this size), the same edge-weighted
-L1 + L2 reconstruction loss as the patch VQ, the LFQ entropy term computed within groups of bits (see ``BinaryQuantizer``), and training on crops
-(``mmgen.train.tokenizer.content_crops``) with the projector's window smaller than a crop.
+limited to a window of neighbours: ``mmgen.tokenizers.projector``) lets each token's bits depend on its
+neighbours, which is what the binary text tokenizers of the long-text papers use to spend their bits on
+strokes rather than background. How mmgen's differs: no GAN or perceptual loss (not trainable offline at
+this size); an edge-weighted pixel loss (the shipped recipe: L2 alone, see
+``mmgen.train.tokenizer.reconstruction_loss``); the LFQ entropy term computed within groups of bits (see
+``BinaryQuantizer``); training on crops (``mmgen.train.tokenizer.content_crops``) with the projector's window
+smaller than a crop; and, in the shipped recipe, the patch codec (``arch: patch``: space-to-depth with linear
+projections and residual convs, depth-to-space on the way out) in place of strided convolutions, with 4x4-pixel
+tokens.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from .vq_image import GridImageTokenizer, VQImageConfig, check_codec, codec_clas
 @dataclass
 class BinaryTextConfig:
     image_size: int = 256
-    downsample: int = 8          # 2 ** strided stages: 256 -> 32x32 = 1024 tokens
+    downsample: int = 8          # patch side: 8 gives 256 -> 32x32 tokens; the shipped recipe's 4 gives 64x64
     channels: int = 32
     latent_channels: int = 96
     res_blocks: int = 2
