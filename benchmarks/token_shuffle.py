@@ -1,8 +1,9 @@
 """Token-Shuffle at s = 1, 2, 4 on 256x256 text images, side by side in one run.
 
 The same model width (the ``base`` size: d 256, 6 layers) over a binary text tokenizer's grid: 32x32 (1024
-tokens, 8x8-pixel tokens; the default, and the figures in the README) or, with ``--downsample 4``, the shipped
-recipe's 64x64 (4096 tokens of 4x4 pixels, ``tokenizers/binary_text.yaml``): sequence length, training tokens/s (text-world batches, the AR trainer's loss), and generation
+tokens of 8x8 pixels; the default) or, with ``--downsample 4``, the shipped recipe's 64x64 (4096 tokens of
+4x4 pixels, ``tokenizers/binary_text.yaml``): sequence length, training tokens/s (text-world batches, the AR
+trainer's loss), and generation
 seconds per image at batch 1 and 8 (the pipeline's sampler with CFG). Speed does not depend on what the
 weights learnt, so the models here are freshly initialised; CER needs trained checkpoints, given with
 ``--checkpoints S1 S2 S4`` (folders made by ``mmgen train ar`` with ``shuffle_window`` 1, 2, 4 on the text world);

@@ -256,7 +256,7 @@ def cmd_pack(args) -> int:
     """Copy a trained pipeline folder into a shippable checkpoint (fp16 weights by default)."""
     import torch
 
-    from mmgen.pipelines.text_to_image import TextToImagePipeline
+    from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
     from mmgen.sampling.ar import SamplingOptions
 
     given = {}
@@ -270,8 +270,6 @@ def cmd_pack(args) -> int:
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
     if args.pipeline is None:  # a tokenizer alone, e.g. a text tokenizer before any model is trained over it
-        from mmgen.pipelines.text_to_image import load_tokenizer
-
         if not args.tokenizer or args.defaults:
             raise SystemExit("error: mmgen pack needs --pipeline DIR, or --tokenizer DIR alone (no --defaults) "
                              "to pack a tokenizer by itself")
@@ -280,7 +278,6 @@ def cmd_pack(args) -> int:
         return 0
     pipe = TextToImagePipeline.from_pretrained(args.pipeline)
     if args.tokenizer:  # e.g. the SEED tokenizer once its diffusion decoder is trained: same codes, new decoder
-        from mmgen.pipelines.text_to_image import load_tokenizer
         from mmgen.tokenizers.base import CheckpointError
 
         new = load_tokenizer(args.tokenizer)
@@ -435,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    pk = sub.add_parser("pack", help="turn a trained pipeline folder (or a tokenizer alone) into a shippable checkpoint")
+    pk = sub.add_parser("pack", help="turn a trained pipeline folder (or a tokenizer alone) into a shippable "
+                                     "checkpoint")
     pk.add_argument("--pipeline", help="a trained pipeline folder (runs/NAME/pipeline)")
     pk.add_argument("--output", required=True)
     pk.add_argument("--defaults", help='JSON of sampling defaults, e.g. \'{"guidance_scale": 3}\'')

@@ -38,11 +38,11 @@ def blocked_window_attention(q, k, v, h: int, w: int, window: int, heads: int, b
     def grid(t):  # (b, n, d) -> (b, d, h', w'), zero-padded to whole tiles
         return F.pad(rearrange(t, "b (h w) d -> b d h w", h=h, w=w), (0, pw, 0, ph))
 
-    def halos(t):  # -> (b * tiles, H, side^2, e)
+    def halos(t):  # -> (b, tiles, H, side^2, e)
         cols = F.unfold(grid(t), side, padding=window, stride=block)  # (b, d * side^2, tiles)
-        return rearrange(cols, "b (H e m) t -> (b t) H m e", H=heads, m=side * side)
+        return rearrange(cols, "b (H e m) t -> b t H m e", H=heads, m=side * side)
 
-    tiles = rearrange(grid(q), "b (H e) (th p1) (tw p2) -> (b th tw) H (p1 p2) e", H=heads, p1=block, p2=block)
+    tiles = rearrange(grid(q), "b (H e) (th p1) (tw p2) -> b (th tw) H (p1 p2) e", H=heads, p1=block, p2=block)
     # which halo keys each tile position may see: inside the grid and within the window
     inside = F.pad(torch.ones(1, 1, h, w, device=q.device), (0, pw, 0, ph))
     inside = F.unfold(inside, side, padding=window, stride=block)[0].T > 0  # (tiles, side^2)
@@ -55,9 +55,9 @@ def blocked_window_attention(q, k, v, h: int, w: int, window: int, heads: int, b
     padded = F.pad(torch.ones(h, w, dtype=torch.bool, device=q.device), (0, pw, 0, ph)) == 0
     padded = rearrange(padded, "(th p1) (tw p2) -> (th tw) (p1 p2)", p1=block, p2=block)
     mask = (near[None] & inside[:, None]) | padded[:, :, None]  # (tiles, block^2, side^2)
-    mask = mask.repeat(len(q), 1, 1)[:, None]  # (b * tiles, 1, block^2, side^2), batch-major like the tiles
-    out = F.scaled_dot_product_attention(tiles, halos(k), halos(v), attn_mask=mask)
-    out = rearrange(out, "(b th tw) H (p1 p2) e -> b H (th p1) (tw p2) e", th=bh, tw=bw, p1=block, p2=block)
+    # one mask for every image and head: broadcast over b and H
+    out = F.scaled_dot_product_attention(tiles, halos(k), halos(v), attn_mask=mask[:, None])
+    out = rearrange(out, "b (th tw) H (p1 p2) e -> b H (th p1) (tw p2) e", th=bh, tw=bw, p1=block, p2=block)
     return rearrange(out[:, :, :h, :w], "b H h w e -> b H (h w) e")
 
 

@@ -42,8 +42,6 @@ class VQImageConfig:
         check_codec(self.arch, self.norm)
 
 
-
-
 NORMS = ("none", "channel")
 
 
@@ -60,9 +58,7 @@ class ChannelNorm(nn.Module):
 
 
 def norm_act(ch: int, norm: str) -> nn.Sequential:
-    """The normalisation (if any) and the SiLU that open every conv block."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    """The normalisation (if any; the configs check ``norm``) and the SiLU that open every conv block."""
     return nn.Sequential(ChannelNorm(ch), nn.SiLU()) if norm == "channel" else nn.Sequential(nn.SiLU())
 
 

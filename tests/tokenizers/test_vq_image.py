@@ -105,7 +105,8 @@ def test_patch_codec_starts_linear_and_round_trips(tmp_path):
     with torch.no_grad():
         # residual blocks and the seam refinement start at zero: both halves are affine maps at initialisation
         assert torch.allclose(enc(x + y) - enc(y), enc(x) - enc(zero), atol=1e-5)
-        u, v, z0 = torch.randn(2, cfg.code_dim, 8, 8), torch.randn(2, cfg.code_dim, 8, 8), torch.zeros(2, cfg.code_dim, 8, 8)
+        u, v = torch.randn(2, cfg.code_dim, 8, 8), torch.randn(2, cfg.code_dim, 8, 8)
+        z0 = torch.zeros(2, cfg.code_dim, 8, 8)
         assert torch.allclose(dec(u + v) - dec(v), dec(u) - dec(z0), atol=1e-5)
         assert enc(x).shape == (2, cfg.code_dim, 8, 8) and dec(u).shape == (2, 3, 32, 32)
     tok = VQImageTokenizer(cfg).eval()
