@@ -133,9 +133,12 @@ def cmd_image(args) -> int:
 
 
 def cmd_train(args) -> int:
-    if args.init and args.what != "tokenizer":
-        raise SystemExit(f"error: --init starts a tokenizer run from trained weights; mmgen train {args.what} "
-                         "does not take it (--resume continues a run)")
+    if args.init and args.what not in ("tokenizer", "ar"):
+        raise SystemExit(f"error: --init starts a tokenizer or AR run from trained weights; mmgen train "
+                         f"{args.what} does not take it (--resume continues a run)")
+    if args.data_workers and (args.what not in ("tokenizer", "ar") or args.data):
+        raise SystemExit("error: --data-workers renders the world for mmgen train tokenizer or ar "
+                         "(not with --data, which reads a folder)")
     if args.what == "dd":
         from mmgen.train.dd import train_dd
 
@@ -170,14 +173,16 @@ def cmd_train(args) -> int:
         from mmgen.train.tokenizer import train_tokenizer
 
         path = train_tokenizer(args.recipe, args.output, steps=args.steps, resume=args.resume, data=args.data,
-                               seed=args.seed, max_minutes=args.max_minutes, init=args.init)
+                               seed=args.seed, max_minutes=args.max_minutes, init=args.init,
+                               data_workers=args.data_workers)
     else:
         from mmgen.train.ar import train_ar
 
         if not args.tokenizer:
             raise SystemExit("error: mmgen train ar needs --tokenizer DIR")
         path = train_ar(args.recipe, args.tokenizer, args.output, steps=args.steps, resume=args.resume,
-                        data=args.data, seed=args.seed, max_minutes=args.max_minutes)
+                        data=args.data, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
+                        data_workers=args.data_workers)
     print(path)
     return 0
 
@@ -198,6 +203,11 @@ def cmd_eval_text(args) -> int:
     tokenizer_only = (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
     if tokenizer_only:
         pipe, tokenizer = None, load_tokenizer(checkpoint)
+        if args.image_size:
+            tokenizer = tokenizer.at_image_size(args.image_size)
+    elif args.image_size:
+        raise ValueError("--image-size resizes a tokenizer folder alone; a checkpoint generates at the size its "
+                         "model was trained for")
     else:
         pipe = TextToImagePipeline.from_pretrained(checkpoint)
         tokenizer = pipe.tokenizer
@@ -220,6 +230,8 @@ def cmd_eval_text(args) -> int:
 def cmd_eval(args) -> int:
     if args.what == "text":
         return cmd_eval_text(args)
+    if args.image_size:
+        raise ValueError("--image-size is for mmgen eval text on a tokenizer folder alone")
     from mmgen.eval import shapes_eval
     from mmgen.eval.shapes_run import evaluate_reconstruction, evaluate_text_to_image
     from mmgen.pipelines.text_to_image import TextToImagePipeline
@@ -393,9 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-minutes", type=float, help="stop and save after this many minutes of wall clock")
     tr.add_argument("--teacher", help="(dd) the text-to-image checkpoint to distil")
     tr.add_argument("--pairs", type=int, default=4096, help="(dd) teacher (prompt, noise, tokens) pairs (default 4096)")
+    tr.add_argument("--data-workers", type=int, default=0, metavar="N",
+                    help="(tokenizer, ar) render the world in N processes, for an accelerator one CPU process "
+                         "cannot feed (default 0: in the training process)")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "
-                    "checkpoints/text_tokenizer (fresh optimizer and schedule; the recipe must match it)")
+                    "checkpoints/text_tokenizer; (ar) from this pipeline's model weights, e.g. a 256x256 run for "
+                    "recipes/text_ar_512_ts4.yaml (fresh optimizer and schedule; the recipe must match it)")
     tr.set_defaults(func=cmd_train)
 
     cp = sub.add_parser("caption", help="image -> text (SEED checkpoints: the model that draws also sees)",
@@ -423,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=50, help="shapes: prompts per object count and prompt set; text: short "
                     "and long scenes each (default 50)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--image-size", type=int, help="(text, a tokenizer folder alone) measure it on NxN pages "
+                    "instead of its training canvas, e.g. 512 (its convolutional weights serve any multiple of "
+                    "its downsampling)")
     ev.add_argument("--prompt-sets", nargs="+", default=["canonical", "paraphrase_held_out"],
                     choices=["canonical", "paraphrase_held_out", "held_out_wording", "held_out_combos"],
                     help="canonical captions; held-out wording on held-out colour-shape pairs (default: both); "

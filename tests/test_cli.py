@@ -126,6 +126,14 @@ def test_eval_text_reports_cer_against_the_ocr_ceiling(tmp_path, text_encoder):
     assert res.returncode == 0, res.stderr
     alone = json.loads(report.read_text())
     assert "text_to_image" not in alone and alone["reconstruction"] == r["reconstruction"]
+    # the same tokenizer measured on a larger canvas; a checkpoint keeps the canvas its model was trained for
+    res = mmgen("eval", "text", "--checkpoint", tmp_path / "text" / "tokenizer", "--image-size", 128, "--n", 1,
+                "--json", report, "-q", timeout=300)
+    assert res.returncode == 0, res.stderr
+    big = json.loads(report.read_text())
+    assert big["canvas"] == 128 and big["reconstruction"]["tokens"] == 256
+    res = mmgen("eval", "text", "--checkpoint", tmp_path / "text", "--image-size", 128)
+    assert res.returncode == 2 and "--image-size resizes a tokenizer folder alone" in res.stderr
     res = mmgen("image", 'a white card with the text "Hi" in large blue serif letters, center aligned',
                 "--checkpoint", tmp_path / "text" / "tokenizer", "-o", tmp_path / "x.png")
     assert res.returncode == 2 and "tokenizer alone" in res.stderr and not (tmp_path / "x.png").exists()

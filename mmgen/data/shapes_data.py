@@ -39,14 +39,39 @@ def text_world_batches(batch_size: int, seed: int, size: int = 256, paraphrase: 
                           batch_size)
 
 
+class _WorldStream(torch.utils.data.IterableDataset):
+    """A world's batches inside DataLoader workers: worker w renders the stream of seed ``seed + 7919 * w``."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        kw = dict(self.kwargs)
+        kw["seed"] += 7919 * (info.id if info is not None else 0)
+        return training_batches(**kw)
+
+
 def training_batches(world: str, batch_size: int, seed: int, size: int, rank: int = 0, paraphrase: bool = True,
-                     exclude_combos=shapes.HELD_OUT_COMBOS) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """The batches of a recipe's world: ``shapes`` or ``text`` (``exclude_combos`` applies to shapes)."""
+                     exclude_combos=shapes.HELD_OUT_COMBOS,
+                     workers: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """The batches of a recipe's world: ``shapes`` or ``text`` (``exclude_combos`` applies to shapes).
+
+    ``workers`` > 0 renders them in that many DataLoader processes (for an accelerator that one CPU process
+    cannot feed); each worker has its own stream, so the batches differ from the in-process ones (0)."""
+    if world not in ("shapes", "text"):
+        raise ValueError(f"unknown training world {world!r}: shapes or text")
+    if workers < 0:
+        raise ValueError(f"data workers must be 0 or more, got {workers}")
+    if workers:
+        stream = _WorldStream(world=world, batch_size=batch_size, seed=seed, size=size, rank=rank,
+                              paraphrase=paraphrase, exclude_combos=exclude_combos)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                                persistent_workers=True))
     if world == "shapes":
         return world_batches(batch_size, seed, size, paraphrase, exclude_combos, rank)
-    if world == "text":
-        return text_world_batches(batch_size, seed, size, paraphrase, rank)
-    raise ValueError(f"unknown training world {world!r}: shapes or text")
+    return text_world_batches(batch_size, seed, size, paraphrase, rank)
 
 
 def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank: int = 0,

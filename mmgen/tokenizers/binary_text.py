@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -87,6 +88,16 @@ class BinaryTextTokenizer(GridImageTokenizer):
         self.decoder = dec(VQImageConfig(**conv, code_dim=config.bits))
         self.layout = TokenLayout("grid2d", (g, g))
         self.vocab_size = 2 ** config.bits
+
+    def _state_at(self, size: int) -> dict[str, torch.Tensor]:
+        """The learnt 2-D positions resampled (bilinear) to the new grid, so a token keeps the position of the
+        same place on the page: margins and lines scale with the canvas."""
+        state = dict(self.state_dict())
+        g, n = self.config.image_size // self.config.downsample, size // self.config.downsample
+        grid = rearrange(self.pos.detach(), "(h w) d -> 1 d h w", h=g, w=g)
+        grid = F.interpolate(grid, size=(n, n), mode="bilinear", align_corners=False)
+        state["pos"] = rearrange(grid, "1 d h w -> (h w) d")
+        return state
 
     def positions(self, h: int, w: int, offset: torch.Tensor | None = None) -> torch.Tensor:
         """The projector's 2-D positions for an (h, w) token window: the whole grid, or for training crops the

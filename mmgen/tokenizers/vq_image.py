@@ -11,7 +11,7 @@ crosses) sharp.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +248,24 @@ class GridImageTokenizer(Tokenizer):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def at_image_size(self, size: int) -> "GridImageTokenizer":
+        """The same trained tokenizer on ``size`` x ``size`` images (self when the size is already that). The
+        codec is convolutional, so its weights serve any canvas that is a multiple of the downsampling; what is
+        tied to the grid (``_state_at``) is resampled. How well it reconstructs there is measured, not assumed
+        (``mmgen eval text --checkpoint DIR --image-size N``)."""
+        if size == self.config.image_size:
+            return self
+        if size <= 0 or size % self.config.downsample:
+            raise ValueError(f"image size {size} is not a positive multiple of the tokenizer's downsampling "
+                             f"{self.config.downsample}")
+        tok = type(self)(replace(self.config, image_size=size))
+        tok.load_state_dict(self._state_at(size), strict=True)
+        return tok.to(self.device).eval()
+
+    def _state_at(self, size: int) -> dict[str, torch.Tensor]:
+        """The state dict for a canvas of ``size``: unchanged here (nothing depends on the grid)."""
+        return self.state_dict()
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         cfg = {"type": self.type_name, "layout": self.layout.to_dict(), **asdict(self.config)}

@@ -37,7 +37,12 @@ log = logging.getLogger(__name__)
 
 AR_RECIPE_SECTIONS = {"architecture": None,  # checked by ARConfig
                       "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "cond_dropout", "save_every",
-                                   "log_every", "seed", "world", "exclude_combos", "sampling_defaults", "see_batch"}}
+                                   "log_every", "seed", "world", "exclude_combos", "sampling_defaults", "see_batch",
+                                   "image_size"}}
+
+# model settings that carry no weights: a run started with --init may change them (a longer sequence, a larger
+# Token-Shuffle grid for a larger canvas); every other setting must match the model it starts from
+INIT_FREE_FIELDS = {"max_positions", "shuffle_grid"}
 
 
 def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
@@ -53,6 +58,21 @@ def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
     except TypeError as e:
         raise ValueError(f"recipe has an unknown model setting: {e}") from e
     return MMGenTransformer(cfg)
+
+
+def init_model_from(model: MMGenTransformer, directory: str) -> None:
+    """Copy a trained model's weights (a pipeline folder, or its model/ part) into ``model``, e.g. a 256x256
+    run into the same model on 512x512 pages. Raises ValueError when the architectures differ."""
+    folder = Path(directory)
+    if (folder / "model_index.json").is_file():
+        folder = folder / "model"
+    src = MMGenTransformer.from_pretrained(folder)
+    a, b = asdict(src.config), asdict(model.config)
+    differ = sorted(k for k in a if k not in INIT_FREE_FIELDS and a[k] != b.get(k))
+    if differ:
+        raise ValueError(f"--init {directory}: its model differs from the recipe's in {', '.join(differ)} "
+                         f"(only {', '.join(sorted(INIT_FREE_FIELDS))} may change)")
+    model.load_state_dict(src.state_dict(), strict=True)
 
 
 def reading_order_caption(objects, background: str) -> str:
@@ -93,8 +113,12 @@ def caption_sequences(image_ids: torch.Tensor, captions: list[str], vocab) -> tu
 
 def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | None = None, resume: bool = False,
              data: str | None = None, seed: int | None = None, save_every: int | None = None,
-             progress: bool = True, max_minutes: float | None = None) -> Path:
-    """Returns the pipeline folder (output/pipeline). ``max_minutes`` stops (and saves) early."""
+             progress: bool = True, max_minutes: float | None = None, init: str | None = None,
+             data_workers: int = 0) -> Path:
+    """Returns the pipeline folder (output/pipeline). ``max_minutes`` stops (and saves) early. ``init``: a
+    trained pipeline whose model weights start this run (fresh optimizer and schedule); ``training.image_size``
+    runs the tokenizer on another canvas (``GridImageTokenizer.at_image_size``). ``data_workers``: render the
+    world in that many processes (see ``training_batches``)."""
     from accelerate import Accelerator
 
     recipe = read_yaml(recipe_path)
@@ -107,9 +131,20 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_dir).to(acc.device)
+    if tr.get("image_size") is not None:
+        if not hasattr(tokenizer, "at_image_size"):
+            raise ValueError(f"training.image_size needs a convolutional grid tokenizer; {tokenizer_dir} is a "
+                             f"{type(tokenizer).__name__}")
+        tokenizer = tokenizer.at_image_size(int(tr["image_size"]))
     for p in tokenizer.parameters():
         p.requires_grad_(False)
     model = build_model(recipe, tokenizer)
+    state_dir = out / "train_state"
+    if init is not None:
+        if resume:
+            raise ValueError("--init starts a new run from a model's weights; --resume continues a run: "
+                             "give one of them")
+        init_model_from(model, init)
     text = SentenceEncoder(model.config.max_cond_tokens).to(acc.device)
     lr = float(tr.get("lr", 1e-3))
     decay, no_decay = [], []
@@ -117,7 +152,6 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         (no_decay if p.dim() < 2 or "norm" in n or "embed" in n or "null" in n else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(tr.get("weight_decay", 0.05))},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-    state_dir = out / "train_state"
     step, extra = 0, {}
     if should_resume(state_dir, resume):
         step, extra = load_train_state(state_dir, model, opt)
@@ -128,7 +162,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     batches = (folder_batches(data, batch, seed + step, tokenizer.config.image_size, acc.process_index,
                               acc.num_processes) if data
                else training_batches(tr.get("world", "shapes"), batch, seed + step, tokenizer.config.image_size,
-                                     acc.process_index, paraphrase=True, exclude_combos=held))
+                                     acc.process_index, paraphrase=True, exclude_combos=held, workers=data_workers))
     vocab = model.vocab
     text_bytes = model.config.text_bytes
     boi, eoi = vocab.special("<boi>"), vocab.special("<eoi>")

@@ -80,8 +80,8 @@ def content_crops(x: torch.Tensor, crop: int, align: int, gen: torch.Generator, 
 TOKENIZER_RECIPE_SECTIONS = {"type": None, "architecture": None, "codebook": None,  # checked by the config class
                              "data": {"world"},
                              "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "edge_weight",
-                                          "l1_weight", "crop", "restart_every", "unquantized_warmup", "save_every",
-                                          "log_every", "seed"}}
+                                          "l1_weight", "crop", "crop_candidates", "restart_every",
+                                          "unquantized_warmup", "save_every", "log_every", "seed"}}
 
 
 def tokenizer_type(recipe: dict) -> tuple:
@@ -127,7 +127,8 @@ def init_from(tok, directory: str) -> None:
 
 def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
                     data: str | None = None, seed: int | None = None, save_every: int | None = None,
-                    progress: bool = True, max_minutes: float | None = None, init: str | None = None) -> Path:
+                    progress: bool = True, max_minutes: float | None = None, init: str | None = None,
+                    data_workers: int = 0) -> Path:
     """Train the recipe's tokenizer into ``output``. ``init``: a trained tokenizer folder to start from (its
     weights; the optimizer and the learning-rate schedule start afresh), which must match the recipe's
     architecture exactly; refused together with ``resume``, which continues a run's own state instead."""
@@ -164,7 +165,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     data_seed = seed + step  # a resumed run continues on fresh samples
     batches = (folder_batches(data, batch, data_seed, size, acc.process_index, acc.num_processes) if data
                else training_batches(recipe.get("data", {}).get("world", "shapes"), batch, data_seed, size,
-                                     acc.process_index, paraphrase=False, exclude_combos=()))
+                                     acc.process_index, paraphrase=False, exclude_combos=(), workers=data_workers))
     metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
     minutes0 = float(extra.get("minutes", 0.0))
     edge_w = float(tr.get("edge_weight", 4.0))
@@ -176,6 +177,10 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     warm = int(tr.get("unquantized_warmup", 300 if has_codebook and init is None else 0))
     log_every = int(tr.get("log_every", 25))
     crop = int(tr.get("crop", 0)) or None  # train on content-weighted crops of this side (see content_crops)
+    # random corners per crop, the one with the most edges kept: 1 draws crops uniformly, blank page included
+    candidates = int(tr.get("crop_candidates", 4))
+    if candidates < 1:
+        raise ValueError(f"training.crop_candidates must be at least 1, got {candidates}")
     align = tok.config.downsample
     if crop is not None:
         check_crop(crop, align, size)
@@ -187,7 +192,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         x, _ = next(batches)
         offset = None
         if crop is not None and crop < size:
-            x, offset = content_crops(x, crop, align, gen)
+            x, offset = content_crops(x, crop, align, gen, candidates)
         x = x.to(acc.device)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)))

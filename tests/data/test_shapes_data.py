@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmgen.data.shapes_data import folder_batches, world_batches
+from mmgen.data.shapes_data import folder_batches, training_batches, world_batches
 
 
 def test_world_batches_are_seeded_per_rank():
@@ -13,6 +13,19 @@ def test_world_batches_are_seeded_per_rank():
     c, _ = next(world_batches(4, seed=1, rank=1))
     assert a.shape == (4, 3, 64, 64) and 0 <= a.min() and a.max() <= 1
     assert cap_a == cap_b and not np.array_equal(a.numpy(), c.numpy())
+
+
+def test_world_batches_rendered_in_worker_processes():
+    stream = training_batches("text", 2, seed=3, size=128, workers=2)
+    batches = [next(stream) for _ in range(4)]
+    for x, captions in batches:
+        assert x.shape == (2, 3, 128, 128) and len(captions) == 2 and all('"' in c for c in captions)
+    # each worker renders its own stream: no two batches repeat
+    assert len({tuple(c) for _, c in batches}) == 4
+    with pytest.raises(ValueError, match="workers"):
+        training_batches("text", 2, seed=3, size=128, workers=-1)
+    with pytest.raises(ValueError, match="unknown training world"):
+        training_batches("moons", 2, seed=3, size=128, workers=2)
 
 
 def test_user_folder_with_captions(tmp_path):

@@ -211,3 +211,24 @@ def test_training_can_start_from_a_trained_tokenizer(tmp_path):
                                      "data": {"world": "text"}, "training": {"steps": 1, "batch_size": 2}}))
     with pytest.raises(ValueError, match="bits 6 vs 5"):
         train_tokenizer(str(other), str(tmp_path / "c"), init=str(first), progress=False)
+
+
+def test_a_tokenizer_on_a_larger_canvas_keeps_its_codec_and_maps_positions_to_the_same_page_place():
+    tok = _tok()  # 64x64 pages, 8x8 grid
+    g = 8
+    with torch.no_grad():  # a position field that is the token's x coordinate on the page, in [0, 1]
+        tok.pos.zero_()
+        tok.pos[:, 0] = ((torch.arange(g * g) % g).float() + 0.5) / g
+    big = tok.at_image_size(128)
+    assert big.config.image_size == 128 and big.layout.grid == (16, 16) and big.pos.shape == (256, tok.pos.shape[1])
+    want = ((torch.arange(256) % 16).float() + 0.5) / 16
+    inner = (torch.arange(256) % 16 >= 1) & (torch.arange(256) % 16 < 15)  # bilinear is exact on a ramp inside
+    assert torch.allclose(big.pos[inner, 0], want[inner], atol=1e-5)
+    for name, value in tok.state_dict().items():
+        if name != "pos":
+            assert torch.equal(big.state_dict()[name], value), name
+    ids = big.encode(torch.rand(2, 3, 128, 128))
+    assert ids.shape == (2, 256) and big.decode(ids).shape == (2, 3, 128, 128)
+    assert tok.at_image_size(64) is tok
+    with pytest.raises(ValueError, match="multiple"):
+        tok.at_image_size(100)

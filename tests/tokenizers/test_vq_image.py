@@ -117,3 +117,13 @@ def test_patch_codec_starts_linear_and_round_trips(tmp_path):
     assert torch.equal(VQImageTokenizer.from_pretrained(tmp_path / "p").encode(img), ids)
     with pytest.raises(ValueError, match="arch must be one of"):
         VQImageTokenizer(replace(cfg, arch="unet"))
+
+
+def test_a_vq_tokenizer_on_a_larger_canvas_keeps_every_weight():
+    tok = make_debug_tokenizer()
+    s = tok.config.image_size
+    big = tok.at_image_size(2 * s)
+    h, w = tok.layout.grid
+    assert big.layout.grid == (2 * h, 2 * w)
+    assert all(torch.equal(big.state_dict()[k], v) for k, v in tok.state_dict().items())
+    assert big.encode(torch.rand(1, 3, 2 * s, 2 * s)).shape == (1, 4 * h * w)

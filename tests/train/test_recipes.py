@@ -22,7 +22,8 @@ class _Grid:
 
 # each AR recipe with the tokenizer recipe it is trained over
 AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_image.yaml",
-                "text_ar_ts4.yaml": "binary_text.yaml", "seed_ar.yaml": "seed.yaml"}
+                "text_ar_ts4.yaml": "binary_text.yaml", "text_ar_512_ts4.yaml": "binary_text.yaml",
+                "seed_ar.yaml": "seed.yaml"}
 
 
 def test_every_ar_recipe_names_its_tokenizer():
@@ -43,6 +44,8 @@ def test_ar_recipes_are_valid_over_their_tokenizer(name, text_encoder):
         assert cfg.max_cond_tokens + 1 + 32 + 1 <= cfg.max_positions
     else:  # the pipeline refuses a model whose positions cannot hold the prompt, byte slot and image
         tok = build_tokenizer(tok_recipe)
+        if recipe["training"].get("image_size"):  # the tokenizer on the recipe's canvas
+            tok = tok.at_image_size(recipe["training"]["image_size"])
         TextToImagePipeline(tok, build_model(recipe, tok), text_encoder)
 
 
@@ -70,3 +73,10 @@ def test_a_misspelt_key_is_an_error(tmp_path):
     bad.write_text(yaml.safe_dump({"type": "binary_text", "data": "text"}))
     with pytest.raises(ValueError, match="must be a mapping"):
         train_tokenizer(str(bad), str(tmp_path / "out"))
+
+
+def test_a_second_stage_recipe_keeps_the_architecture_it_starts_from():
+    """tokenizers/binary_text_stage2.yaml continues a binary_text.yaml run (--init): the same network."""
+    first = yaml.safe_load((ROOT / "tokenizers" / "binary_text.yaml").read_text())
+    second = yaml.safe_load((ROOT / "tokenizers" / "binary_text_stage2.yaml").read_text())
+    assert first["type"] == second["type"] and first["architecture"] == second["architecture"]

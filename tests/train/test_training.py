@@ -106,3 +106,32 @@ def test_dd_pairs_then_student_and_resume(tmp_path, debug_checkpoint):
     steps = [_json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     state = _json.loads((out / "train_state" / "state.json").read_text())
     assert state["step"] == 6 and steps == sorted(steps)
+
+
+def test_ar_run_starts_from_a_trained_model_on_a_larger_canvas(tmp_path, debug_checkpoint):
+    from safetensors.torch import load_file
+
+    from mmgen.train.ar import train_ar
+
+    recipe = tmp_path / "big.yaml"  # the debug model's architecture, twice the canvas, no learning: lr 0
+    recipe.write_text(yaml.safe_dump({"architecture": {"size": "debug"},
+                                      "training": {"steps": 1, "batch_size": 2, "lr": 0.0, "warmup": 1,
+                                                   "image_size": 32}}))
+    out = train_ar(str(recipe), str(debug_checkpoint / "tokenizer"), str(tmp_path / "big"), progress=False,
+                   init=str(debug_checkpoint))
+    pipe = TextToImagePipeline.from_pretrained(out)
+    assert pipe.tokenizer.config.image_size == 32
+    src = load_file(str(debug_checkpoint / "model" / "model.safetensors"))
+    got = load_file(str(out / "model" / "model.safetensors"))
+    assert src.keys() == got.keys() and all(torch.equal(src[k], got[k]) for k in src)
+    img = pipe("a small green star on the left on a white background", generator=torch.Generator().manual_seed(0))
+    assert img.images[0].size == (32, 32)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"architecture": {"size": "debug", "num_layers": 3},
+                                     "training": {"steps": 1, "batch_size": 2}}))
+    with pytest.raises(ValueError, match="num_layers"):
+        train_ar(str(other), str(debug_checkpoint / "tokenizer"), str(tmp_path / "o"), progress=False,
+                 init=str(debug_checkpoint))
+    with pytest.raises(ValueError, match="--resume continues"):
+        train_ar(str(recipe), str(debug_checkpoint / "tokenizer"), str(tmp_path / "big"), progress=False,
+                 init=str(debug_checkpoint), resume=True)
