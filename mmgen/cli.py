@@ -189,7 +189,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval_text(args) -> int:
     from mmgen.eval import text_eval
-    from mmgen.eval.text_run import evaluate_reconstruction, evaluate_text_to_image
+    from mmgen.eval.text_run import TEXT_EVAL_SEED, evaluate_reconstruction, evaluate_text_to_image
     from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
 
     if not text_eval.have_tesseract():
@@ -218,8 +218,10 @@ def cmd_eval_text(args) -> int:
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, cfg_schedule=args.cfg_schedule, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
     if pipe is not None:
+        scenes_seed = TEXT_EVAL_SEED if args.scenes_seed is None else args.scenes_seed
+        report["scenes_seed"] = scenes_seed
         report["text_to_image"] = evaluate_text_to_image(pipe, n=args.n, seed=args.seed, progress=not args.quiet,
-                                                         **sampling)
+                                                         scenes_seed=scenes_seed, **sampling)
     text = json.dumps(report, indent=2)
     print(text, flush=True)  # first: a failing write must not lose the evaluation
     if args.json:
@@ -439,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=50, help="shapes: prompts per object count and prompt set; text: short "
                     "and long scenes each (default 50)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--scenes-seed", type=int, help="(text) draw the text-to-image scenes from this seed "
+                    "(default: text-eval's own, the one figures are reported on; another, e.g. 1, to choose "
+                    "sampling settings on other scenes)")
     ev.add_argument("--image-size", type=int, help="(text, a tokenizer folder alone) measure it on NxN pages "
                     "instead of its training canvas, e.g. 512 (its convolutional weights serve any multiple of "
                     "its downsampling)")

@@ -53,8 +53,10 @@ def evaluate_reconstruction(tokenizer, n: int = 20, batch: int = 8, progress: bo
 
 @torch.no_grad()
 def evaluate_text_to_image(pipe, n: int = 20, seed: int = 0, batch: int = 8, progress: bool = False,
-                           **sampling) -> dict:
-    samples = eval_scenes(n, pipe.tokenizer.config.image_size)
+                           scenes_seed: int = TEXT_EVAL_SEED, **sampling) -> dict:
+    """``seed`` seeds the sampler; ``scenes_seed`` draws the scenes (another one than the report's, e.g. to
+    choose sampling settings without looking at the scenes the figures are reported on)."""
+    samples = eval_scenes(n, pipe.tokenizer.config.image_size, seed=scenes_seed)
     gen = torch.Generator().manual_seed(seed)
     images, seconds = [], 0.0
     for i in tqdm(range(0, len(samples), batch), disable=not progress, desc="generate text"):
