@@ -203,14 +203,20 @@ def cmd_eval_text(args) -> int:
     tokenizer_only = (folder / "config.json").is_file() and not (folder / "model_index.json").is_file()
     if tokenizer_only:
         pipe, tokenizer = None, load_tokenizer(checkpoint)
-        if args.image_size:
+        if args.image_size is not None:
+            if not hasattr(tokenizer, "at_image_size"):
+                raise ValueError(f"--image-size needs a convolutional grid tokenizer; {checkpoint} holds a "
+                                 f"{type(tokenizer).__name__}")
             tokenizer = tokenizer.at_image_size(args.image_size)
-    elif args.image_size:
+    elif args.image_size is not None:
         raise ValueError("--image-size resizes a tokenizer folder alone; a checkpoint generates at the size its "
                          "model was trained for")
     else:
         pipe = TextToImagePipeline.from_pretrained(checkpoint)
         tokenizer = pipe.tokenizer
+    if tokenizer_only and args.scenes_seed is not None:
+        raise ValueError("--scenes-seed draws the text-to-image scenes; a tokenizer folder alone has none "
+                         "(its reconstructions use text-eval's own scenes)")
     canvas = tokenizer.config.image_size
     report = {"checkpoint": checkpoint, "canvas": canvas,
               "ceiling": text_eval.ceiling(n=args.n * 2, canvas=canvas),
@@ -219,9 +225,9 @@ def cmd_eval_text(args) -> int:
                     top_p=args.top_p, cfg_schedule=args.cfg_schedule, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
     if pipe is not None:
         scenes_seed = TEXT_EVAL_SEED if args.scenes_seed is None else args.scenes_seed
-        report["scenes_seed"] = scenes_seed
         report["text_to_image"] = evaluate_text_to_image(pipe, n=args.n, seed=args.seed, progress=not args.quiet,
                                                          scenes_seed=scenes_seed, **sampling)
+        report["text_to_image"]["scenes_seed"] = scenes_seed
     text = json.dumps(report, indent=2)
     print(text, flush=True)  # first: a failing write must not lose the evaluation
     if args.json:
@@ -232,8 +238,8 @@ def cmd_eval_text(args) -> int:
 def cmd_eval(args) -> int:
     if args.what == "text":
         return cmd_eval_text(args)
-    if args.image_size:
-        raise ValueError("--image-size is for mmgen eval text on a tokenizer folder alone")
+    if args.image_size is not None or args.scenes_seed is not None:
+        raise ValueError("--image-size and --scenes-seed are for mmgen eval text")
     from mmgen.eval import shapes_eval
     from mmgen.eval.shapes_run import evaluate_reconstruction, evaluate_text_to_image
     from mmgen.pipelines.text_to_image import TextToImagePipeline
@@ -442,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and long scenes each (default 50)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--scenes-seed", type=int, help="(text) draw the text-to-image scenes from this seed "
-                    "(default: text-eval's own, the one figures are reported on; another, e.g. 1, to choose "
-                    "sampling settings on other scenes)")
+                    "(default: text-eval's own, 900201, the one figures are reported on; another far from the "
+                    "training streams' seeds, e.g. 950001, to choose sampling settings on other scenes)")
     ev.add_argument("--image-size", type=int, help="(text, a tokenizer folder alone) measure it on NxN pages "
                     "instead of its training canvas, e.g. 512 (its convolutional weights serve any multiple of "
                     "its downsampling)")

@@ -113,7 +113,7 @@ def test_eval_text_reports_cer_against_the_ocr_ceiling(tmp_path, text_encoder):
     res = mmgen("eval", "text", "--checkpoint", tmp_path / "text", "--n", 1, "--json", report, "-q", timeout=300)
     assert res.returncode == 0, res.stderr
     r = json.loads(report.read_text())
-    assert r["scenes_seed"] == 900_201  # text-eval's own scenes unless --scenes-seed says otherwise
+    assert r["text_to_image"]["scenes_seed"] == 900_201  # text-eval's own scenes unless --scenes-seed says otherwise
     assert r["canvas"] == 64 and r["reconstruction"]["tokens"] == 64 and r["reconstruction"]["bits_per_pixel"] == 64 * 6 / 64 ** 2
     for part in ("ceiling", "reconstruction", "text_to_image"):
         assert r[part]["short"]["n"] == 1 and r[part]["long"]["n"] == 1 and r[part]["all"]["cer"] >= 0

@@ -39,8 +39,12 @@ def text_world_batches(batch_size: int, seed: int, size: int = 256, paraphrase: 
                           batch_size)
 
 
+WORKER_RANK_STRIDE = 100  # worker w of rank r renders rank r + 100 (w + 1)'s stream (fewer than 100 ranks)
+
+
 class _WorldStream(torch.utils.data.IterableDataset):
-    """A world's batches inside DataLoader workers: worker w renders the stream of seed ``seed + 7919 * w``."""
+    """A world's batches inside DataLoader workers, each worker on its own stream (``WORKER_RANK_STRIDE``);
+    images travel between processes as uint8 (a quarter of float32's shared memory)."""
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -49,8 +53,8 @@ class _WorldStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         kw = dict(self.kwargs)
-        kw["seed"] += 7919 * (info.id if info is not None else 0)
-        return training_batches(**kw)
+        kw["rank"] += WORKER_RANK_STRIDE * ((info.id if info is not None else 0) + 1)
+        return ((x.mul(255).round().to(torch.uint8), c) for x, c in training_batches(**kw))
 
 
 def training_batches(world: str, batch_size: int, seed: int, size: int, rank: int = 0, paraphrase: bool = True,
@@ -67,8 +71,8 @@ def training_batches(world: str, batch_size: int, seed: int, size: int, rank: in
     if workers:
         stream = _WorldStream(world=world, batch_size=batch_size, seed=seed, size=size, rank=rank,
                               paraphrase=paraphrase, exclude_combos=exclude_combos)
-        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                                persistent_workers=True))
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        return ((x.float() / 255.0, c) for x, c in loader)
     if world == "shapes":
         return world_batches(batch_size, seed, size, paraphrase, exclude_combos, rank)
     return text_world_batches(batch_size, seed, size, paraphrase, rank)

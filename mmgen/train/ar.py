@@ -60,11 +60,32 @@ def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
     return MMGenTransformer(cfg)
 
 
-def init_model_from(model: MMGenTransformer, directory: str) -> None:
+def check_same_tokenizer(trained, tokenizer, where: str) -> None:
+    """The run's tokenizer must be the one the --init model was trained over (on any canvas): the same type,
+    configuration and weights, apart from the canvas and what the canvas resamples (``_state_at``)."""
+    if type(trained) is not type(tokenizer):
+        raise ValueError(f"--init {where}: its model was trained over a {type(trained).__name__}, the run's "
+                         f"tokenizer is a {type(tokenizer).__name__}")
+    a, b = asdict(trained.config), asdict(tokenizer.config)
+    differ = sorted(k for k in a if k != "image_size" and a[k] != b.get(k))
+    resized = trained.at_image_size(tokenizer.config.image_size) if hasattr(trained, "at_image_size") else trained
+    mine = tokenizer.state_dict()
+    differ += sorted(k for k, v in resized.state_dict().items()
+                     if k not in mine or mine[k].shape != v.shape
+                     or not torch.allclose(mine[k].float(), v.float(), rtol=1e-3, atol=1e-4))  # fp16 copies pass
+    if differ:
+        raise ValueError(f"--init {where}: the run's --tokenizer is not the tokenizer its model was trained over "
+                         f"(differs in {', '.join(differ[:5])}); give that pipeline's tokenizer folder")
+
+
+def init_model_from(model: MMGenTransformer, directory: str, tokenizer=None) -> None:
     """Copy a trained model's weights (a pipeline folder, or its model/ part) into ``model``, e.g. a 256x256
-    run into the same model on 512x512 pages. Raises ValueError when the architectures differ."""
+    run into the same model on 512x512 pages. Raises ValueError when the architectures differ, or (given a
+    pipeline and ``tokenizer``) when the run's tokenizer is not the one the model was trained over."""
     folder = Path(directory)
     if (folder / "model_index.json").is_file():
+        if tokenizer is not None:
+            check_same_tokenizer(load_tokenizer(folder / "tokenizer"), tokenizer, directory)
         folder = folder / "model"
     src = MMGenTransformer.from_pretrained(folder)
     a, b = asdict(src.config), asdict(model.config)
@@ -144,7 +165,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         if resume:
             raise ValueError("--init starts a new run from a model's weights; --resume continues a run: "
                              "give one of them")
-        init_model_from(model, init)
+        init_model_from(model, init, tokenizer)
     text = SentenceEncoder(model.config.max_cond_tokens).to(acc.device)
     lr = float(tr.get("lr", 1e-3))
     decay, no_decay = [], []

@@ -168,13 +168,14 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
                                      acc.process_index, paraphrase=False, exclude_combos=(), workers=data_workers))
     metrics = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
     minutes0 = float(extra.get("minutes", 0.0))
+    from_init = init is not None or bool(extra.get("from_init"))  # a resumed --init run is one still
     edge_w = float(tr.get("edge_weight", 4.0))
     l1_w = float(tr.get("l1_weight", 1.0))
     restart_every = int(tr.get("restart_every", 20))
     has_codebook = hasattr(tok.quantizer, "restart_dead_codes")  # the VQ; the binary quantiser has none
     # a codebook warms up unquantised and is then reseeded from the latents; one started from trained weights
     # (--init) is already in use, and reseeding every code one batch missed would throw much of it away
-    warm = int(tr.get("unquantized_warmup", 300 if has_codebook and init is None else 0))
+    warm = int(tr.get("unquantized_warmup", 300 if has_codebook and not from_init else 0))
     log_every = int(tr.get("log_every", 25))
     crop = int(tr.get("crop", 0)) or None  # train on content-weighted crops of this side (see content_crops)
     # random corners per crop, the one with the most edges kept: 1 draws crops uniformly, blank page included
@@ -186,7 +187,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         check_crop(crop, align, size)
     t_start = time.time()
     bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc="tokenizer")
-    gen = torch.Generator().manual_seed(seed + 1 + acc.process_index)
+    gen = torch.Generator().manual_seed(seed + 1 + acc.process_index + 1009 * step)  # resumed: new crops
     unwrapped = acc.unwrap_model(model)
     while step < steps:
         x, _ = next(batches)
@@ -197,7 +198,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)))
         quantize = step >= warm
-        if step == warm and has_codebook and init is None:  # empty usage window: the restart below seeds every code
+        if step == warm and has_codebook and not from_init:  # empty usage window: the restart below seeds every code
             unwrapped.quantizer.window_hits.zero_()
         if offset is not None and hasattr(unwrapped, "positions"):  # the binary tokenizer's projector
             recon, q, z = model(x, quantize=quantize, offset=offset.to(acc.device))
@@ -210,7 +211,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if has_codebook and ((step == warm + 1 and init is None) or (step > warm and step % restart_every == 0)):
+        if has_codebook and ((step == warm + 1 and not from_init) or (step > warm and step % restart_every == 0)):
             restarted = unwrapped.quantizer.restart_dead_codes(z.detach(), gen)
             if acc.num_processes > 1:  # every process must keep the same codebook: take rank 0's
                 torch.distributed.broadcast(unwrapped.quantizer.embedding.weight.data, src=0)
@@ -229,7 +230,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         out_of_time = past_time_limit(acc, t_start, max_minutes)
         if acc.is_main_process and (step % save_every == 0 or step == steps or out_of_time):
             save_train_state(state_dir, unwrapped, opt, step,
-                             {"minutes": minutes0 + (time.time() - metrics.start) / 60})
+                             {"minutes": minutes0 + (time.time() - metrics.start) / 60, "from_init": from_init})
             unwrapped.save_pretrained(out / "tokenizer")
         acc.wait_for_everyone()
         if out_of_time:

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmgen.data.shapes_data import folder_batches, training_batches, world_batches
@@ -16,11 +17,16 @@ def test_world_batches_are_seeded_per_rank():
 
 
 def test_world_batches_rendered_in_worker_processes():
+    from mmgen.data.shapes_data import WORKER_RANK_STRIDE
+
     stream = training_batches("text", 2, seed=3, size=128, workers=2)
     batches = [next(stream) for _ in range(4)]
-    for x, captions in batches:
-        assert x.shape == (2, 3, 128, 128) and len(captions) == 2 and all('"' in c for c in captions)
-    # each worker renders its own stream: no two batches repeat
+    # the workers take turns, each on its own stream: the in-process streams of ranks 100 and 200, exactly
+    for w in (0, 1):
+        own = training_batches("text", 2, seed=3, size=128, rank=WORKER_RANK_STRIDE * (w + 1))
+        for x, captions in batches[w::2]:
+            want_x, want_captions = next(own)
+            assert x.dtype == torch.float32 and torch.equal(x, want_x) and captions == want_captions
     assert len({tuple(c) for _, c in batches}) == 4
     with pytest.raises(ValueError, match="workers"):
         training_batches("text", 2, seed=3, size=128, workers=-1)

@@ -80,3 +80,17 @@ def test_a_second_stage_recipe_keeps_the_architecture_it_starts_from():
     first = yaml.safe_load((ROOT / "tokenizers" / "binary_text.yaml").read_text())
     second = yaml.safe_load((ROOT / "tokenizers" / "binary_text_stage2.yaml").read_text())
     assert first["type"] == second["type"] and first["architecture"] == second["architecture"]
+
+
+def test_the_512_text_recipe_can_start_from_the_256_one():
+    """recipes/text_ar_512_ts4.yaml is trained with --init from a text_ar_ts4.yaml run: the same weights."""
+    from dataclasses import asdict
+
+    from mmgen.train.ar import INIT_FREE_FIELDS
+
+    tok = build_tokenizer(yaml.safe_load((ROOT / "tokenizers" / "binary_text.yaml").read_text()))
+    r256, r512 = (yaml.safe_load((ROOT / "recipes" / n).read_text()) for n in ("text_ar_ts4.yaml",
+                                                                              "text_ar_512_ts4.yaml"))
+    a = asdict(build_model(r256, tok).config)
+    b = asdict(build_model(r512, tok.at_image_size(r512["training"]["image_size"])).config)
+    assert {k for k in a if a[k] != b[k]} == INIT_FREE_FIELDS

@@ -112,26 +112,48 @@ def test_ar_run_starts_from_a_trained_model_on_a_larger_canvas(tmp_path, debug_c
     from safetensors.torch import load_file
 
     from mmgen.train.ar import train_ar
+    from tests.conftest import make_debug_tokenizer
 
-    recipe = tmp_path / "big.yaml"  # the debug model's architecture, twice the canvas, no learning: lr 0
-    recipe.write_text(yaml.safe_dump({"architecture": {"size": "debug"},
-                                      "training": {"steps": 1, "batch_size": 2, "lr": 0.0, "warmup": 1,
-                                                   "image_size": 32}}))
-    out = train_ar(str(recipe), str(debug_checkpoint / "tokenizer"), str(tmp_path / "big"), progress=False,
-                   init=str(debug_checkpoint))
+    def recipe(name, arch, **training):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"architecture": {"size": "debug", **arch},
+                                        "training": {"steps": 1, "batch_size": 2, "warmup": 1, **training}}))
+        return str(path)
+
+    small = train_ar(recipe("small", {"shuffle_window": 2}), str(debug_checkpoint / "tokenizer"),
+                     str(tmp_path / "small"), progress=False)
+    # the same model on twice the canvas: 4x the Token-Shuffle grid and more positions; lr 0, so no learning
+    big_recipe = recipe("big", {"shuffle_window": 2, "max_positions": 1024}, lr=0.0, image_size=32)
+    out = train_ar(big_recipe, str(small / "tokenizer"), str(tmp_path / "big"), progress=False, init=str(small))
     pipe = TextToImagePipeline.from_pretrained(out)
-    assert pipe.tokenizer.config.image_size == 32
-    src = load_file(str(debug_checkpoint / "model" / "model.safetensors"))
+    before = TextToImagePipeline.from_pretrained(small)
+    assert pipe.tokenizer.config.image_size == 32 and pipe.model.config.max_positions == 1024
+    assert tuple(pipe.model.config.shuffle_grid) == (8, 8) and tuple(before.model.config.shuffle_grid) == (4, 4)
+    src = load_file(str(small / "model" / "model.safetensors"))
     got = load_file(str(out / "model" / "model.safetensors"))
     assert src.keys() == got.keys() and all(torch.equal(src[k], got[k]) for k in src)
     img = pipe("a small green star on the left on a white background", generator=torch.Generator().manual_seed(0))
     assert img.images[0].size == (32, 32)
-    other = tmp_path / "other.yaml"
-    other.write_text(yaml.safe_dump({"architecture": {"size": "debug", "num_layers": 3},
-                                     "training": {"steps": 1, "batch_size": 2}}))
-    with pytest.raises(ValueError, match="num_layers"):
-        train_ar(str(other), str(debug_checkpoint / "tokenizer"), str(tmp_path / "o"), progress=False,
-                 init=str(debug_checkpoint))
+    with pytest.raises(ValueError, match="num_layers"):  # weights that do not fit are named, not loaded
+        train_ar(recipe("deeper", {"shuffle_window": 2, "num_layers": 3}), str(small / "tokenizer"),
+                 str(tmp_path / "o"), progress=False, init=str(small))
+    other_tok = tmp_path / "other_tok"  # same type and size, other weights: its ids mean other pictures
+    make_debug_tokenizer(seed=1).save_pretrained(other_tok)
+    with pytest.raises(ValueError, match="not the tokenizer its model was trained over"):
+        train_ar(big_recipe, str(other_tok), str(tmp_path / "o2"), progress=False, init=str(small))
     with pytest.raises(ValueError, match="--resume continues"):
-        train_ar(str(recipe), str(debug_checkpoint / "tokenizer"), str(tmp_path / "big"), progress=False,
-                 init=str(debug_checkpoint), resume=True)
+        train_ar(big_recipe, str(small / "tokenizer"), str(tmp_path / "big"), progress=False, init=str(small),
+                 resume=True)
+
+
+def test_cli_renders_the_world_in_workers_for_tokenizer_and_ar_runs_only(tmp_path):
+    from mmgen.cli import main
+
+    tok_recipe, _ = _recipes(tmp_path)
+    assert main(["train", "tokenizer", "--recipe", str(tok_recipe), "--output", str(tmp_path / "t"), "--steps", "1",
+                 "--data-workers", "1"]) == 0
+    assert json.loads((tmp_path / "t" / "train_state" / "state.json").read_text())["step"] == 1
+    for bad in (["train", "clip", "--recipe", str(tok_recipe)], ["train", "tokenizer", "--recipe", str(tok_recipe),
+                                                                "--data", str(tmp_path)]):
+        with pytest.raises(SystemExit, match="--data-workers renders the world"):
+            main(bad + ["--output", str(tmp_path / "x"), "--data-workers", "2"])
