@@ -1,9 +1,12 @@
 """Pick a checkpoint's sampling defaults on a tuning prompt set, never on the reported evaluation prompts.
 
 Runs shapes-eval (canonical captions) for a small grid of sampling options on scenes drawn with seed
-777000 (the reported evaluation uses mmgen/eval/shapes_run.EVAL_SEED), one JSON line per setting.
+777000 (the reported evaluation uses mmgen/eval/shapes_run.EVAL_SEED), one JSON line per setting. With
+``--world text`` it runs text-eval (OCR CER, colour and alignment checks) on n short and n long text scenes
+drawn with seed 950001 (the reported ones use mmgen/eval/text_run.TEXT_EVAL_SEED, 900201).
 
     .venv/bin/python benchmarks/tune_sampling.py --checkpoint runs/shapes_ar_ts2/pipeline --n 16
+    .venv/bin/python benchmarks/tune_sampling.py --world text --checkpoint runs/text_ar_ts4/pipeline --n 4
 """
 from __future__ import annotations
 
@@ -20,6 +23,13 @@ from mmgen.eval import shapes_eval, shapes_run  # noqa: E402
 from mmgen.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
 
 TUNING_SEED = 777_000
+TEXT_TUNING_SEED = 950_001  # far from every training stream's seeds (small multiples of 1000 plus a rank)
+TEXT_GRID = (
+    dict(guidance_scale=3.0, cfg_schedule="linear"),
+    dict(guidance_scale=3.0, cfg_schedule="linear", temperature=0.7, top_k=5),
+    dict(guidance_scale=1.5, temperature=0.7, top_k=5),
+    dict(guidance_scale=5.0, cfg_schedule="linear", temperature=0.7, top_k=5),
+)
 GRID = (
     dict(guidance_scale=1.0, top_k=1),
     dict(guidance_scale=1.5, top_k=1),
@@ -34,12 +44,16 @@ GRID = (
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--n", type=int, default=16, help="prompts per object count (default 16)")
+    ap.add_argument("--world", choices=("shapes", "text"), default="shapes")
+    ap.add_argument("--n", type=int, default=16, help="prompts per object count; text: short and long scenes "
+                                                     "each (default 16)")
     ap.add_argument("--grid", help='JSON list of option sets instead of the built-in grid, e.g. '
                                    '\'[{"guidance_scale": 1.5, "top_k": 1}]\'')
     args = ap.parse_args(argv)
-    grid = json.loads(args.grid) if args.grid else GRID
+    grid = json.loads(args.grid) if args.grid else (TEXT_GRID if args.world == "text" else GRID)
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint)
+    if args.world == "text":
+        return tune_text(pipe, grid, args.n)
     scenes = shapes_run.eval_scenes("canonical", args.n, seed=TUNING_SEED)
     rows = []
     for kw in grid:
@@ -51,6 +65,21 @@ def main(argv=None) -> list[dict]:
         res = shapes_eval.score(images, [(s.objects, s.background) for s in scenes])
         row = {"options": options, "score": round(res["score"], 4), "by_objects": res["by_objects"],
                "errors": res["errors"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def tune_text(pipe, grid, n: int) -> list[dict]:
+    from mmgen.eval.text_run import evaluate_text_to_image
+
+    rows = []
+    for kw in grid:
+        options = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_schedule": "constant", **kw}
+        res = evaluate_text_to_image(pipe, n=n, seed=0, scenes_seed=TEXT_TUNING_SEED, **options)
+        row = {"options": options, "cer": round(res["all"]["cer"], 4), "cer_short": round(res["short"]["cer"], 4),
+               "color": res["all"]["color"], "alignment": res["all"]["alignment"],
+               "seconds_per_image": round(res["seconds_per_image"], 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

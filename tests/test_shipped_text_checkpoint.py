@@ -1,0 +1,76 @@
+"""The text-to-image checkpoint the project ships (checkpoints/text) loads (safetensors only), writes 256x256
+pages through Token-Shuffle s = 4 from the CLI and the API, and refuses bad quoted text. Its model card's
+status: it draws flat cards and does not write readable text yet, so the quality check here is the card."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmgen.pipelines.text_to_image import TextToImagePipeline
+from mmgen.worlds import text as tw
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints" / "text"
+PROMPT = 'a white card with the text "Hello world" in large blue serif letters, center aligned'
+pytestmark = pytest.mark.skipif(not (CKPT / "model_index.json").exists(), reason="checkpoints/text not built")
+
+
+@pytest.fixture(scope="module")
+def pipe(text_encoder):
+    return TextToImagePipeline.from_pretrained(CKPT, text_encoder=text_encoder)
+
+
+def card_shares(image) -> dict:
+    """Share of the page within 30 levels (summed over R, G, B) of each card colour."""
+    a = np.asarray(image).astype(float)
+    return {k: float((np.abs(a - np.array(v)).sum(-1) <= 30).mean()) for k, v in tw.BACKGROUNDS.items()}
+
+
+def test_weights_are_safetensors_small_and_over_the_shipped_tokenizer():
+    files = [p for p in CKPT.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+    assert (CKPT / "README.md").is_file() and (CKPT / "eval.json").is_file()
+    mine = load_file(str(CKPT / "tokenizer" / "model.safetensors"))
+    shipped = load_file(str(ROOT / "checkpoints" / "text_tokenizer" / "model.safetensors"))
+    assert mine.keys() == shipped.keys() and all(torch.equal(mine[k], shipped[k]) for k in mine)
+
+
+def test_writes_deterministic_256px_pages_16_tokens_a_step(pipe):
+    assert pipe.model.config.shuffle_window == 4 and pipe.model.config.text_bytes == 256
+    a = pipe(PROMPT, num_images=4, generator=[torch.Generator().manual_seed(s) for s in range(4)])
+    b = pipe(PROMPT, num_images=1, generator=[torch.Generator().manual_seed(0)])
+    assert a.images[0].size == (256, 256) and np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert a.record["tokens"] == 4096 and a.record["forward_passes"] == 256
+    # what it has learnt (measured at release: white 0.84, 0.68, 1.00, 0.79 of the page for seeds 0-3):
+    # a flat card, white when a white card is asked for
+    shares = [card_shares(im) for im in a.images]
+    assert all(max(s.values()) >= 0.6 for s in shares), shares
+    assert sum(max(s, key=s.get) == "white" for s in shares) >= 3, shares
+
+
+def test_cli_prompts_file_and_bad_quoted_text(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPT + "\n" + 'a black card with the text "Green apple" in medium yellow sans letters, '
+                       "left aligned\n")
+
+    def mmgen(*args):
+        return subprocess.run([sys.executable, "-m", "mmgen.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=600, cwd=ROOT)
+
+    res = mmgen("image", "--checkpoint", CKPT, "--prompts-file", prompts, "-o", tmp_path / "out", "--seed", 0, "-q")
+    assert res.returncode == 0, res.stderr
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (256, 256) for p in pngs)
+    too_long = " ".join(["ocean"] * 60)  # 60 words at large size need more lines than a 256 page holds
+    for bad, says in (('a white card with the text "" in large blue serif letters', "empty"),
+                      ('a white card with the text "Caf\u00e9" in large blue serif letters', "writes only"),
+                      (f'a white card with the text "{too_long}" in large blue serif letters', "lines")):
+        res = mmgen("image", bad, "--checkpoint", CKPT, "-o", tmp_path / "bad.png")
+        assert res.returncode == 2 and says in res.stderr.lower(), res.stderr
+        assert not (tmp_path / "bad.png").exists()
