@@ -204,9 +204,6 @@ def cmd_eval_text(args) -> int:
     if tokenizer_only:
         pipe, tokenizer = None, load_tokenizer(checkpoint)
         if args.image_size is not None:
-            if not hasattr(tokenizer, "at_image_size"):
-                raise ValueError(f"--image-size needs a convolutional grid tokenizer; {checkpoint} holds a "
-                                 f"{type(tokenizer).__name__}")
             tokenizer = tokenizer.at_image_size(args.image_size)
     elif args.image_size is not None:
         raise ValueError("--image-size resizes a tokenizer folder alone; a checkpoint generates at the size its "

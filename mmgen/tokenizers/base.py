@@ -129,6 +129,14 @@ class Tokenizer(torch.nn.Module):
     def decode(self, ids: torch.Tensor) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def at_image_size(self, size: int) -> "Tokenizer":
+        """This tokenizer on ``size`` x ``size`` media: itself at its own canvas. Only the convolutional grid
+        tokenizers (``GridImageTokenizer``) move to another canvas; the rest refuse clearly."""
+        if size == getattr(getattr(self, "config", None), "image_size", None):
+            return self
+        raise ValueError(f"a {type(self).__name__} works on its training canvas only; another image size needs "
+                         "a convolutional grid tokenizer")
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 

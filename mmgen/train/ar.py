@@ -68,9 +68,8 @@ def check_same_tokenizer(trained, tokenizer, where: str) -> None:
                          f"tokenizer is a {type(tokenizer).__name__}")
     a, b = asdict(trained.config), asdict(tokenizer.config)
     differ = sorted(k for k in a if k != "image_size" and a[k] != b.get(k))
-    resized = trained.at_image_size(tokenizer.config.image_size) if hasattr(trained, "at_image_size") else trained
     mine = tokenizer.state_dict()
-    differ += sorted(k for k, v in resized.state_dict().items()
+    differ += sorted(k for k, v in trained.at_image_size(tokenizer.config.image_size).state_dict().items()
                      if k not in mine or mine[k].shape != v.shape
                      or not torch.allclose(mine[k].float(), v.float(), rtol=1e-3, atol=1e-4))  # fp16 copies pass
     if differ:
@@ -153,9 +152,6 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_dir).to(acc.device)
     if tr.get("image_size") is not None:
-        if not hasattr(tokenizer, "at_image_size"):
-            raise ValueError(f"training.image_size needs a convolutional grid tokenizer; {tokenizer_dir} is a "
-                             f"{type(tokenizer).__name__}")
         tokenizer = tokenizer.at_image_size(int(tr["image_size"]))
     for p in tokenizer.parameters():
         p.requires_grad_(False)
