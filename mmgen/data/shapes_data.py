@@ -102,13 +102,34 @@ def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank
         epoch += 1
 
 
-def perturb_scene(objects, background: str, rng) -> list:
+NEGATIVE_KINDS = ("cell", "shape", "size", "color")
+DEFAULT_NEGATIVE_WEIGHTS = {"cell": 2, "shape": 1, "size": 1, "color": 1}  # position is the hardest to learn
+
+
+def negative_kind_table(weights: dict | None) -> tuple[str, ...]:
+    """``{kind: integer weight}`` -> the tuple a hard negative's kind is drawn from uniformly; clear errors for
+    unknown kinds or weights that are not non-negative integers summing above zero."""
+    weights = DEFAULT_NEGATIVE_WEIGHTS if weights is None else weights
+    if not isinstance(weights, dict):
+        raise ValueError(f"hard_negative_kinds must map kinds to weights, got {weights!r}")
+    unknown = sorted(set(weights) - set(NEGATIVE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown hard-negative kind(s) {unknown}; known: {list(NEGATIVE_KINDS)}")
+    if any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in weights.values()) \
+            or sum(weights.values()) == 0:
+        raise ValueError(f"hard-negative weights must be non-negative integers, not all zero: {weights!r}")
+    return tuple(k for k in NEGATIVE_KINDS for _ in range(weights.get(k, 0)))
+
+
+def perturb_scene(objects, background: str, rng, kinds: tuple[str, ...] = ("cell", "cell", "shape", "size", "color")
+                  ) -> list:
     """The scene with exactly one attribute of one object changed (cell, shape, size or colour), still a valid
-    scene (one object per cell): what a hard-negative caption describes."""
+    scene (one object per cell): what a hard-negative caption describes. The attribute is drawn uniformly from
+    ``kinds`` (repeat a kind to weight it; ``negative_kind_table`` builds it from a recipe's weights)."""
     objs = [shapes.ShapeObject(o.color, o.shape, o.size, o.cell) for o in objects]
     i = rng.randrange(len(objs))
     o = objs[i]
-    kind = rng.choice(("cell", "cell", "shape", "size", "color"))  # position is the hardest to learn: twice
+    kind = rng.choice(kinds)
     if kind == "cell":
         free = [c for c in range(9) if c not in {p.cell for p in objs}]
         o.cell = rng.choice(free)
@@ -122,14 +143,16 @@ def perturb_scene(objects, background: str, rng) -> list:
 
 
 def contrastive_batches(batch_size: int, seed: int, size: int = 64, rank: int = 0,
-                        exclude_combos=shapes.HELD_OUT_COMBOS, paraphrase: bool = True
-                        ) -> Iterator[tuple[torch.Tensor, list[str], list[str], list[str], list]]:
+                        exclude_combos=shapes.HELD_OUT_COMBOS, paraphrase: bool = True,
+                        negative_kinds: dict | None = None) -> Iterator[tuple[torch.Tensor, list[str], list[str], list[str], list]]:
     """Endless (images, captions, hard-negative captions, reading-order canonical captions, (objects,
     background) scenes) from the shapes world. Captions are paraphrased as in
     training (or canonical with ``paraphrase=False``); each negative describes the same scene with one
     attribute of one object changed (NegCLIP-style hard negatives: in-batch negatives alone rarely differ only
-    in position, so a CLIP never has to learn it)."""
+    in position, so a CLIP never has to learn it); ``negative_kinds`` weights which attribute changes."""
     import random
+
+    kinds = negative_kind_table(negative_kinds)
 
     rng = random.Random(seed * 1000 + rank + 5)
     stream = shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=paraphrase,
@@ -137,9 +160,9 @@ def contrastive_batches(batch_size: int, seed: int, size: int = 64, rank: int = 
     while True:
         chunk = list(itertools.islice(stream, batch_size))
         arr = np.stack([np.asarray(s.image) for s in chunk])
-        negatives = [shapes.paraphrase_caption(perturb_scene(s.objects, s.background, rng), s.background, rng)
+        negatives = [shapes.paraphrase_caption(perturb_scene(s.objects, s.background, rng, kinds), s.background, rng)
                      if paraphrase and rng.random() < 0.7 else
-                     shapes.canonical_caption(perturb_scene(s.objects, s.background, rng), s.background)
+                     shapes.canonical_caption(perturb_scene(s.objects, s.background, rng, kinds), s.background)
                      for s in chunk]
         described = [shapes.canonical_caption(sorted(s.objects, key=lambda o: o.cell), s.background) for s in chunk]
         yield (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk], negatives,

@@ -29,6 +29,11 @@ CLIP_CONFIGS = {
     "base": {"embed_dim": 128,
              "vision_cfg": {"image_size": 64, "layers": 4, "width": 192, "head_width": 48, "patch_size": 8},
              "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}},
+    # 4x4 patches (256 per image): a small object (about 11 px) spans about 3x3 patches instead of about 1.3x1.3,
+    # so its outline reaches the features; width 128 keeps the step near base's cost.
+    "p4": {"embed_dim": 128,
+           "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 4},
+           "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}},
 }
 _REGISTERED: dict[str, str] = {}
 
@@ -110,10 +115,19 @@ class ShapesCLIP(nn.Module):
                              f"{x.shape[-1]}x{x.shape[-2]}")
         return x * 2 - 1
 
-    def image_features(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (patch token features (b, n_patches, width) after the final LayerNorm, image embedding (b, embed_dim))."""
-        pooled, tokens = self.model.visual(self._pixels(images))
-        return tokens, pooled
+    def image_features(self, images, class_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (patch token features (b, n_patches, width) after the final LayerNorm, image embedding (b, embed_dim)).
+        With ``class_token`` the features start with the class token (after the same LayerNorm, before the
+        projection), as BLIP-2's Q-Former sees every ViT output token: (b, 1 + n_patches, width)."""
+        vis = self.model.visual
+        if not class_token:
+            pooled, tokens = vis(self._pixels(images))
+            return tokens, pooled
+        if vis.attn_pool is not None or vis.final_ln_after_pool or getattr(vis, "pool_type", "tok") != "tok":
+            raise ValueError("class_token features need a ViT pooled by its class token")
+        x = vis.ln_post(vis.transformer(vis._embeds(self._pixels(images))))
+        pooled = x[:, 0] @ vis.proj if vis.proj is not None else x[:, 0]
+        return x, pooled
 
     def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
         emb = self.image_features(images)[1]

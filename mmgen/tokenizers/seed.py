@@ -23,7 +23,9 @@ Q-Former; this one starts from scratch on a CPU):
   caption word by word from the 32 causal embeddings) and the same caption slot by slot
   (``CaptionSlots``), a form that trains in CPU minutes.
 - The Q-Former adds a learnt position embedding at unit scale to the ViT features before cross-attention
-  (the ViT's own position signal was not readable by attention).
+  (the ViT's own position signal was not readable by attention). With ``clip_class_token`` it also sees the
+  ViT's class token, as BLIP-2's Q-Former sees every ViT output token (open_clip returns the patch tokens
+  only).
 - In stage 2 the Q-Former keeps training (SEED freezes it) and the stage-1 losses are also asked of the
   embeddings reconstructed from the codes, so the 32 codes themselves carry the caption; the
   causal-embedding reconstruction target is detached.
@@ -57,6 +59,7 @@ class SEEDConfig:
     heads: int = 4
     feature_dim: int = 192       # CLIP ViT width (taken from the CLIP at build time)
     embed_dim: int = 128         # CLIP joint embedding size (taken from the CLIP)
+    clip_class_token: bool = False  # the Q-Former also cross-attends to the ViT's class token (BLIP-2 sees all tokens)
     codebook_size: int = 1024
     code_dim: int = 32
     beta: float = 0.25
@@ -197,6 +200,19 @@ class CaptionSlots(nn.Module):
         n_obj = (len(self.colors) + 1) + (len(self.shapes) + 1) + (len(self.sizes) + 1) + 10
         self.obj_head = nn.Sequential(nn.Linear(c.width, 2 * c.width), nn.GELU(), nn.Linear(2 * c.width, n_obj))
         self.bg_head = nn.Linear(c.width, len(self.backgrounds))
+        self.weights = {a: 1.0 for a in self.ATTRIBUTES}  # per-attribute loss weights (training setting, not saved)
+
+    ATTRIBUTES = ("color", "shape", "size", "cell", "background")
+
+    def set_weights(self, weights: dict | None) -> None:
+        """Weight each attribute's loss (``training.slot_weights`` in a SEED recipe; unnamed ones stay 1)."""
+        weights = weights or {}
+        unknown = sorted(set(weights) - set(self.ATTRIBUTES))
+        if unknown:
+            raise ValueError(f"unknown slot_weights attribute(s) {unknown}; known: {list(self.ATTRIBUTES)}")
+        if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights.values()):
+            raise ValueError(f"slot_weights must be non-negative numbers: {weights!r}")
+        self.weights = {a: float(weights.get(a, 1.0)) for a in self.ATTRIBUTES}
 
     def targets(self, scenes) -> torch.Tensor:
         """scenes: (objects, background) pairs -> (b, 13) class ids (-1: not applicable)."""
@@ -224,10 +240,11 @@ class CaptionSlots(nn.Module):
         losses, right = [], []
         for a, logits in enumerate(parts):
             t = target[:, a:12:4]                                       # (b, 3)
-            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1)))
+            losses.append(self.weights[self.ATTRIBUTES[a]]
+                          * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1)))
             right.append((logits.argmax(-1) == t).float().mean())
         bg_logits = self.bg_head(h[:, 3])
-        losses.append(F.cross_entropy(bg_logits, target[:, 12]))
+        losses.append(self.weights["background"] * F.cross_entropy(bg_logits, target[:, 12]))
         right.append((bg_logits.argmax(-1) == target[:, 12]).float().mean())
         return sum(losses), sum(right) / len(right)
 
@@ -367,7 +384,7 @@ class SEEDTokenizer(Tokenizer):
         self.config = config
         self.clip = clip.eval().requires_grad_(False)
         patches = (clip.image_size // int(clip.model_cfg["vision_cfg"]["patch_size"])) ** 2
-        self.qformer = CausalQFormer(config, patches)
+        self.qformer = CausalQFormer(config, patches + int(config.clip_class_token))
         self.caption_encoder = CaptionEncoder(config)
         self.caption_decoder = CaptionDecoder(config)
         self.caption_slots = CaptionSlots(config)
@@ -400,7 +417,7 @@ class SEEDTokenizer(Tokenizer):
     # ---- tokens ---------------------------------------------------------------------------------------
     def causal_embeddings(self, images) -> torch.Tensor:
         with torch.no_grad():
-            feats = self.clip.image_features(images)[0]
+            feats = self.clip.image_features(images, self.config.clip_class_token)[0]
         return self.qformer(feats)
 
     def quantize(self, emb: torch.Tensor):
@@ -441,7 +458,7 @@ class SEEDTokenizer(Tokenizer):
         codes, and asks the caption losses of the embeddings reconstructed from the codes too, so the 32 codes
         themselves carry the caption."""
         with torch.no_grad():
-            feats, img_emb = self.clip.image_features(images)
+            feats, img_emb = self.clip.image_features(images, self.config.clip_class_token)
         text = self.caption_encoder(list(captions) + list(negatives or []))
         words = self.caption_encoder.ids(list(described if described is not None else captions))
         slots = self.caption_slots.targets(scenes) if scenes is not None else None

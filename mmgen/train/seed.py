@@ -93,11 +93,18 @@ def _shapes_batches(batch_size: int, image_size: int = 64):
     return lambda seed, rank: world_batches(batch_size, seed, image_size, paraphrase=True, rank=rank)
 
 
-def _contrastive_batches(batch_size: int, image_size: int, hard_negatives: bool, paraphrase: bool = True):
+def _contrastive_batches(batch_size: int, image_size: int, hard_negatives: bool, paraphrase: bool = True,
+                         negative_kinds: dict | None = None):
     if not hard_negatives:
+        if negative_kinds is not None:
+            raise ValueError("hard_negative_kinds is set but hard_negatives is false: it would be unused")
         return lambda seed, rank: ((x, c, None, None, None) for x, c in world_batches(batch_size, seed, image_size,
                                                                                 paraphrase=paraphrase, rank=rank))
-    return lambda seed, rank: contrastive_batches(batch_size, seed, image_size, rank, paraphrase=paraphrase)
+    from mmgen.data.shapes_data import negative_kind_table
+
+    negative_kind_table(negative_kinds)  # a bad table fails before the model is built, not in the first batch
+    return lambda seed, rank: contrastive_batches(batch_size, seed, image_size, rank, paraphrase=paraphrase,
+                                                  negative_kinds=negative_kinds)
 
 
 def build_clip(recipe: dict):
@@ -126,7 +133,8 @@ def train_clip(recipe_path: str, output: str, steps: int | None = None, resume: 
         return loss, {"acc": acc.item()}
 
     run_loop("clip", clip, clip.parameters(), recipe, out,
-             _contrastive_batches(batch, clip.image_size, bool(tr.get("hard_negatives", True))), loss_fn,
+             _contrastive_batches(batch, clip.image_size, bool(tr.get("hard_negatives", True)),
+                                  negative_kinds=tr.get("hard_negative_kinds")), loss_fn,
              lambda m: m.save_pretrained(out / "clip"), steps, resume, progress, max_minutes=max_minutes)
     return out / "clip"
 
@@ -157,6 +165,7 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
     tr = recipe.get("training", {})
     out = Path(output)
     tok = build_seed(recipe, clip_dir)
+    tok.caption_slots.set_weights(tr.get("slot_weights"))
     stage1 = int(tr.get("stage1_steps", 300))
     restart_every = int(tr.get("restart_every", 20))
     batch = int(tr.get("batch_size", 128))
@@ -184,7 +193,7 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
     trainable = [p for n, p in tok.named_parameters() if not n.startswith("clip.")]
     run_loop("seed-tokenizer", tok, trainable, recipe, out,
              _contrastive_batches(batch, tok.config.image_size, bool(tr.get("hard_negatives", True)),
-                                  bool(tr.get("paraphrase", False))), loss_fn,
+                                  bool(tr.get("paraphrase", False)), tr.get("hard_negative_kinds")), loss_fn,
              lambda m: m.save_pretrained(out / "tokenizer"), steps, resume, progress, on_step, max_minutes)
     return out / "tokenizer"
 

@@ -68,3 +68,30 @@ def test_hard_negative_changes_exactly_one_attribute():
         assert a[1] == b[1] and len(a[0]) == len(b[0])
         key = lambda objs: sorted((o.color, o.shape, o.size, o.cell) for o in objs)  # noqa: E731
         assert key(a[0]) != key(b[0])
+
+
+def test_hard_negative_kinds_weight_the_changed_attribute():
+    import random
+
+    import pytest
+
+    from mmgen.data.shapes_data import contrastive_batches, negative_kind_table, perturb_scene
+    from mmgen.eval.shapes_eval import parse_prompt
+    from mmgen.worlds import shapes
+
+    assert negative_kind_table(None) == ("cell", "cell", "shape", "size", "color")
+    assert negative_kind_table({"shape": 2, "size": 0}) == ("shape", "shape")
+    rng = random.Random(0)
+    for s in shapes.generate(40, seed=3):  # only shape ever changes when only shape is weighted
+        neg = perturb_scene(s.objects, s.background, rng, negative_kind_table({"shape": 1}))
+        assert [(a.color, a.size, a.cell) for a in s.objects] == [(b.color, b.size, b.cell) for b in neg]
+        assert [a.shape for a in s.objects] != [b.shape for b in neg]
+    _, captions, negatives, _, _ = next(contrastive_batches(8, seed=2, negative_kinds={"size": 1}))
+    for c, n in zip(captions, negatives):
+        a, b = parse_prompt(c)[0], parse_prompt(n)[0]
+        assert sorted((o.color, o.shape, o.cell) for o in a) == sorted((o.color, o.shape, o.cell) for o in b)
+        assert sorted((o.size, o.cell) for o in a) != sorted((o.size, o.cell) for o in b)
+    for bad, msg in (({"angle": 1}, "unknown hard-negative kind"), ({"cell": 0}, "not all zero"),
+                     ({"cell": 1.5}, "non-negative integers"), (["cell"], "must map kinds")):
+        with pytest.raises(ValueError, match=msg):
+            negative_kind_table(bad)

@@ -237,3 +237,64 @@ def test_fp16_save_keeps_the_live_model_fp32(tmp_path):
     assert {v.dtype for v in unet.values()} == {torch.float16}
     again = SEEDTokenizer.from_pretrained(tmp_path / "half")
     assert next(again.diffusion.unet.parameters()).dtype == torch.float32
+
+
+def test_class_token_features_and_round_trip(tmp_path, batch):
+    """With clip_class_token the Q-Former sees the ViT's class token first and the same patch tokens after it;
+    the class token is the pooled embedding before the projection; the setting survives save and load."""
+    x, _ = batch
+    torch.manual_seed(0)
+    clip = ShapesCLIP(CLIP_CONFIGS["debug"]).eval()
+    with torch.no_grad():
+        patches, pooled = clip.image_features(x)
+        both, pooled2 = clip.image_features(x, class_token=True)
+    assert both.shape == (x.shape[0], patches.shape[1] + 1, patches.shape[2])
+    assert torch.allclose(both[:, 1:], patches, atol=1e-5) and torch.allclose(pooled2, pooled, atol=1e-5)
+    assert torch.allclose(both[:, 0] @ clip.model.visual.proj, pooled, atol=1e-5)
+    cfg = SEEDConfig(**{**SEED_CONFIGS["debug"].__dict__, "clip_class_token": True})
+    tok = SEEDTokenizer(cfg, clip, debug_vae()).eval()
+    assert tok.qformer.feat_pos.shape[0] == patches.shape[1] + 1
+    ids = tok.encode(x)
+    tok.save_pretrained(tmp_path / "tok")
+    back = SEEDTokenizer.from_pretrained(tmp_path / "tok")
+    assert back.config.clip_class_token and torch.equal(back.encode(x), ids)
+
+
+def test_slot_and_shape_readouts_on_debug_models():
+    """The diagnostic readouts run on any CLIP and SEED tokenizer, read only the requested objects, and give the
+    same figures when rerun (seeded)."""
+    from mmgen.eval.clip_probe import ATTRIBUTES, clip_shape_readout, seed_slot_readout
+
+    tok = debug_seed(with_decoder=False)
+    for k in (1, 3):
+        out = seed_slot_readout(tok, n=6, num_objects=k)
+        assert set(out) == {"embeddings", "codes"}
+        assert all(set(row) == set(ATTRIBUTES) for row in out.values())
+        # each figure is a share of k * 6 objects (or 6 backgrounds)
+        assert all(round(v * 6 * k) == pytest.approx(v * 6 * k, abs=1e-4) for row in out.values()
+                   for a, v in row.items() if a != "background")
+    a = clip_shape_readout(tok.clip, n_train=40, n_test=12, steps=3, conv=True)
+    b = clip_shape_readout(tok.clip, n_train=40, n_test=12, steps=3, conv=True)
+    assert a == b and set(a["shape_by_step"]) == {3} and 0 <= a["shape"] <= 1
+
+
+def test_slot_weights_scale_each_attribute_loss():
+    """training.slot_weights scales one attribute's slot loss: weighting shape 0 removes exactly its term."""
+    from mmgen.worlds import shapes
+
+    tok = debug_seed(with_decoder=False)
+    slots = tok.caption_slots
+    scenes = [(s.objects, s.background) for s in shapes.generate(6, seed=4)]
+    target = slots.targets(scenes)
+    emb = torch.randn(6, tok.config.num_queries, tok.config.width)
+    with torch.no_grad():
+        full = slots(emb, target)[0]
+        slots.set_weights({"shape": 0})
+        no_shape = slots(emb, target)[0]
+        slots.set_weights({"shape": 2})
+        double = slots(emb, target)[0]
+    assert no_shape < full and torch.allclose(double - full, full - no_shape, atol=1e-5)
+    for bad, msg in (({"angle": 1}, "unknown slot_weights"), ({"shape": -1}, "non-negative"),
+                     ({"shape": True}, "non-negative")):
+        with pytest.raises(ValueError, match=msg):
+            slots.set_weights(bad)

@@ -95,3 +95,22 @@ def test_the_512_text_recipe_can_start_from_the_256_one():
     a = asdict(build_model(r256, tok).config)
     b = asdict(build_model(r512, tok.at_image_size(r512["training"]["image_size"])).config)
     assert {k for k in a if a[k] != b[k]} == INIT_FREE_FIELDS
+
+
+def test_clip_and_seed_recipes_build(tmp_path):
+    """Every CLIP recipe builds its open_clip model and names valid hard-negative kinds; the SEED tokenizer recipe
+    for the 4x4-patch CLIP builds over that CLIP with the class token among its Q-Former's features."""
+    from mmgen.data.shapes_data import negative_kind_table
+    from mmgen.train.seed import build_clip, build_seed
+
+    clips = {}
+    for path in sorted((ROOT / "tokenizers").glob("clip_shapes*.yaml")):
+        recipe = yaml.safe_load(path.read_text())
+        negative_kind_table(recipe["training"].get("hard_negative_kinds"))
+        clips[path.name] = build_clip(recipe)
+    assert clips["clip_shapes_p4.yaml"].model_cfg["vision_cfg"]["patch_size"] == 4
+    clips["clip_shapes_p4.yaml"].save_pretrained(tmp_path / "clip")
+    seed_recipe = yaml.safe_load((ROOT / "tokenizers" / "seed_p4.yaml").read_text())
+    tok = build_seed(seed_recipe, str(tmp_path / "clip"))
+    assert tok.config.clip_class_token and tok.qformer.feat_pos.shape[0] == (64 // 4) ** 2 + 1
+    tok.caption_slots.set_weights(seed_recipe["training"].get("slot_weights"))

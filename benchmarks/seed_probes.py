@@ -1,0 +1,68 @@
+"""Where SEED loses an attribute: the CLIP, the Q-Former or the codebook. Diagnostics for a CLIP and
+(optionally) a SEED tokenizer built on it, all on fresh one-object world images unless said otherwise:
+
+- CLIP attribute retrieval: does the true caption outscore every caption with one attribute changed?
+- CLIP shape readout: a small attention readout (the Q-Former's means) trained alone on the frozen CLIP's
+  output tokens to name the shape, with and without a 3x3-convolution adapter (held-out accuracy by step).
+- SEED slot readout: the tokenizer's own slot head on its continuous causal embeddings and on the embeddings
+  reconstructed from the 32 ids, one and three objects.
+- SEED code probe: a small probe trained on the 32 ids alone.
+
+    .venv/bin/python benchmarks/seed_probes.py --clip runs/clip_p4/clip --tokenizer runs/seed_p4/tokenizer
+    .venv/bin/python benchmarks/seed_probes.py --clip runs/clip_p4/clip --quick   # fewer steps and images
+
+Ends with one JSON line of the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mmgen.eval.clip_probe import (attribute_retrieval, clip_shape_readout, seed_code_probe,  # noqa: E402
+                                   seed_slot_readout)
+from mmgen.tokenizers.clip_shapes import ShapesCLIP  # noqa: E402
+from mmgen.tokenizers.seed import SEEDTokenizer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clip", required=True, help="a trained CLIP folder (mmgen train clip)")
+    ap.add_argument("--tokenizer", help="a SEED tokenizer folder built on that CLIP (mmgen train seed-tokenizer)")
+    ap.add_argument("--quick", action="store_true", help="100 readout steps on 1,000 images, 100 probe images")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    clip = ShapesCLIP.from_pretrained(args.clip)
+    n_train, steps, n = (1000, 100, 100) if args.quick else (3500, 400, 300)
+    figures = {"clip": args.clip, "clip_retrieval": attribute_retrieval(clip, n=n)}
+    print("CLIP attribute retrieval:", json.dumps(figures["clip_retrieval"]), flush=True)
+    for name, conv in (("clip_shape_readout", False), ("clip_shape_readout_conv", True)):
+        figures[name] = clip_shape_readout(clip, n_train=n_train, n_test=500, steps=steps, conv=conv, progress=True)
+        print(f"{name}:", json.dumps(figures[name]), flush=True)
+    if args.tokenizer:
+        tok = SEEDTokenizer.from_pretrained(args.tokenizer, with_decoder=False)
+        if tok.clip.state_dict().keys() != clip.state_dict().keys() or any(
+                not torch.equal(a, b.to(a.dtype)) for a, b in zip(tok.clip.state_dict().values(),
+                                                                   clip.state_dict().values())):
+            print(f"note: {args.tokenizer} carries a different CLIP than {args.clip}", flush=True)
+        figures["tokenizer"] = args.tokenizer
+        for k in (1, 3):
+            figures[f"seed_slot_readout_{k}obj"] = seed_slot_readout(tok, n=n, num_objects=k)
+            print(f"SEED slot readout, {k} object(s):", json.dumps(figures[f"seed_slot_readout_{k}obj"]), flush=True)
+        figures["seed_code_probe"] = seed_code_probe(tok)
+        print("SEED code probe:", json.dumps(figures["seed_code_probe"]), flush=True)
+    line = json.dumps(figures)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
