@@ -393,6 +393,7 @@ class SEEDTokenizer(Tokenizer):
         self.to_code = nn.Linear(config.width, config.code_dim)
         self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim, config.beta)
         self.code_decoder = CodeDecoder(config)
+        self.caption_loss_weights = {k: 1.0 for k in self.CAPTION_LOSSES}
         self.layout = TokenLayout("causal1d", (config.num_queries,))
         self.vocab_size = config.codebook_size
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
@@ -402,6 +403,22 @@ class SEEDTokenizer(Tokenizer):
                 raise ValueError("the diffusion decoder needs the VAE whose latents it denoises")
             g = vae.layout.grid
             self.diffusion = SEEDDiffusionDecoder(config, vae.config.code_dim, g[0])
+
+    CAPTION_LOSSES = ("align", "itg", "slots")
+
+    def set_caption_loss_weights(self, weights: dict | None) -> None:
+        """Weight the caption losses (``training.caption_loss_weights``: align, itg, slots; unnamed ones stay 1;
+        a zero skips that loss's computation). A training setting, not saved."""
+        weights = weights or {}
+        unknown = sorted(set(weights) - set(self.CAPTION_LOSSES))
+        if unknown:
+            raise ValueError(f"unknown caption_loss_weights loss(es) {unknown}; known: {list(self.CAPTION_LOSSES)}")
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in weights.values()):
+            raise ValueError(f"caption_loss_weights must be non-negative numbers: {weights!r}")
+        full = {k: float(weights.get(k, 1.0)) for k in self.CAPTION_LOSSES}
+        if not any(full.values()):
+            raise ValueError("caption_loss_weights turns every caption loss off")
+        self.caption_loss_weights = full
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -464,15 +481,21 @@ class SEEDTokenizer(Tokenizer):
         slots = self.caption_slots.targets(scenes) if scenes is not None else None
         emb = self.qformer(feats)
 
+        w = self.caption_loss_weights
+
         def caption_losses(e, tag):
-            align, acc = self.alignment_loss(e, text)
-            itg, word_acc = self.caption_decoder(words, e)
-            row = {f"align{tag}": align.item(), f"acc{tag}": acc.item(), f"itg{tag}": itg.item(),
-                   f"word_acc{tag}": word_acc.item()}
-            loss = align + itg
-            if slots is not None:
+            loss, row = e.new_zeros(()), {}
+            if w["align"]:
+                align, acc = self.alignment_loss(e, text)
+                loss = loss + w["align"] * align
+                row.update({f"align{tag}": align.item(), f"acc{tag}": acc.item()})
+            if w["itg"]:
+                itg, word_acc = self.caption_decoder(words, e)
+                loss = loss + w["itg"] * itg
+                row.update({f"itg{tag}": itg.item(), f"word_acc{tag}": word_acc.item()})
+            if slots is not None and w["slots"]:
                 slot_loss, slot_acc = self.caption_slots(e, slots)
-                loss = loss + slot_loss
+                loss = loss + w["slots"] * slot_loss
                 row.update({f"slots{tag}": slot_loss.item(), f"slot_acc{tag}": slot_acc.item()})
             return loss, row
 

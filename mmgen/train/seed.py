@@ -166,6 +166,7 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
     out = Path(output)
     tok = build_seed(recipe, clip_dir)
     tok.caption_slots.set_weights(tr.get("slot_weights"))
+    tok.set_caption_loss_weights(tr.get("caption_loss_weights"))
     stage1 = int(tr.get("stage1_steps", 300))
     restart_every = int(tr.get("restart_every", 20))
     batch = int(tr.get("batch_size", 128))

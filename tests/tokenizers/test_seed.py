@@ -298,3 +298,24 @@ def test_slot_weights_scale_each_attribute_loss():
                      ({"shape": True}, "non-negative")):
         with pytest.raises(ValueError, match=msg):
             slots.set_weights(bad)
+
+
+def test_caption_loss_weights_switch_losses_off(batch):
+    """training.caption_loss_weights: a zero weight skips that caption loss (its metrics vanish and the loss is
+    the sum of the rest); bad tables get clear errors."""
+    from mmgen.data.shapes_data import contrastive_batches
+
+    tok = debug_seed(with_decoder=False).train()
+    x, captions, negatives, described, scenes = next(contrastive_batches(6, seed=2))
+    torch.manual_seed(1)
+    full, row = tok(x, captions, 1, negatives, described, scenes)
+    assert {"align", "itg", "slots"} <= set(row)
+    tok.set_caption_loss_weights({"align": 0, "itg": 0})
+    only, row_only = tok(x, captions, 1, negatives, described, scenes)
+    assert "align" not in row_only and "itg" not in row_only
+    assert only.item() == pytest.approx(row_only["slots"], rel=1e-5)
+    assert full.item() == pytest.approx(row["align"] + row["itg"] + row["slots"], rel=1e-5)
+    for bad, msg in (({"clip": 1}, "unknown caption_loss_weights"), ({"itg": -1}, "non-negative"),
+                     ({"align": 0, "itg": 0, "slots": 0}, "every caption loss off")):
+        with pytest.raises(ValueError, match=msg):
+            tok.set_caption_loss_weights(bad)
