@@ -121,15 +121,15 @@ def negative_kind_table(weights: dict | None) -> tuple[str, ...]:
     return tuple(k for k in NEGATIVE_KINDS for _ in range(weights.get(k, 0)))
 
 
-def perturb_scene(objects, background: str, rng, kinds: tuple[str, ...] = ("cell", "cell", "shape", "size", "color")
-                  ) -> list:
+def perturb_scene(objects, background: str, rng, kinds: tuple[str, ...] | None = None) -> list:
     """The scene with exactly one attribute of one object changed (cell, shape, size or colour), still a valid
     scene (one object per cell): what a hard-negative caption describes. The attribute is drawn uniformly from
-    ``kinds`` (repeat a kind to weight it; ``negative_kind_table`` builds it from a recipe's weights)."""
+    ``kinds`` (repeat a kind to weight it; ``negative_kind_table`` builds it from a recipe's weights; None:
+    the default weights)."""
     objs = [shapes.ShapeObject(o.color, o.shape, o.size, o.cell) for o in objects]
     i = rng.randrange(len(objs))
     o = objs[i]
-    kind = rng.choice(kinds)
+    kind = rng.choice(kinds or negative_kind_table(None))
     if kind == "cell":
         free = [c for c in range(9) if c not in {p.cell for p in objs}]
         o.cell = rng.choice(free)
@@ -144,7 +144,8 @@ def perturb_scene(objects, background: str, rng, kinds: tuple[str, ...] = ("cell
 
 def contrastive_batches(batch_size: int, seed: int, size: int = 64, rank: int = 0,
                         exclude_combos=shapes.HELD_OUT_COMBOS, paraphrase: bool = True,
-                        negative_kinds: dict | None = None) -> Iterator[tuple[torch.Tensor, list[str], list[str], list[str], list]]:
+                        negative_kinds: dict | None = None
+                        ) -> Iterator[tuple[torch.Tensor, list[str], list[str], list[str], list]]:
     """Endless (images, captions, hard-negative captions, reading-order canonical captions, (objects,
     background) scenes) from the shapes world. Captions are paraphrased as in
     training (or canonical with ``paraphrase=False``); each negative describes the same scene with one
@@ -153,7 +154,6 @@ def contrastive_batches(batch_size: int, seed: int, size: int = 64, rank: int = 
     import random
 
     kinds = negative_kind_table(negative_kinds)
-
     rng = random.Random(seed * 1000 + rank + 5)
     stream = shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=paraphrase,
                              exclude_combos=exclude_combos)

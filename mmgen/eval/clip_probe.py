@@ -104,12 +104,10 @@ def seed_slot_readout(tokenizer, n: int = 300, num_objects: int = 1, seed: int =
     recon, _ = tokenizer.embed_ids(tokenizer.encode(images))
     out = {}
     for name, emb in (("embeddings", tokenizer.causal_embeddings(images)), ("codes", recon)):
-        h = slots.ln(slots.attn(slots.queries.expand(len(emb), -1, -1), emb, emb, need_weights=False)[0])
-        parts = slots.obj_head(h[:, :3]).split(
-            [len(slots.colors) + 1, len(slots.shapes) + 1, len(slots.sizes) + 1, 10], dim=-1)
+        parts, bg_logits = slots.logits(emb)
         row = {attr: (logits[:, :num_objects].argmax(-1) == target[:, a:12:4][:, :num_objects]).float().mean().item()
                for a, (attr, logits) in enumerate(zip(("color", "shape", "size", "cell"), parts))}
-        row["background"] = (slots.bg_head(h[:, 3]).argmax(-1) == target[:, 12]).float().mean().item()
+        row["background"] = (bg_logits.argmax(-1) == target[:, 12]).float().mean().item()
         out[name] = row
     return out
 

@@ -181,6 +181,18 @@ class CaptionDecoder(nn.Module):
         return loss, acc
 
 
+def named_weights(weights: dict | None, names: tuple[str, ...], key: str, what: str) -> dict[str, float]:
+    """A recipe's ``{name: weight}`` table -> a weight for every name (unnamed ones 1.0); a clear error for an
+    unknown name or a weight that is not a non-negative number."""
+    weights = weights or {}
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {key} {what}(s) {unknown}; known: {list(names)}")
+    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights.values()):
+        raise ValueError(f"{key} must be non-negative numbers: {weights!r}")
+    return {n: float(weights.get(n, 1.0)) for n in names}
+
+
 class CaptionSlots(nn.Module):
     """Caption prediction in the world's caption grammar, slot by slot: for each of up to three objects in
     reading order its size, colour, shape and cell (or "none"), and the background, read from the causal
@@ -206,13 +218,7 @@ class CaptionSlots(nn.Module):
 
     def set_weights(self, weights: dict | None) -> None:
         """Weight each attribute's loss (``training.slot_weights`` in a SEED recipe; unnamed ones stay 1)."""
-        weights = weights or {}
-        unknown = sorted(set(weights) - set(self.ATTRIBUTES))
-        if unknown:
-            raise ValueError(f"unknown slot_weights attribute(s) {unknown}; known: {list(self.ATTRIBUTES)}")
-        if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights.values()):
-            raise ValueError(f"slot_weights must be non-negative numbers: {weights!r}")
-        self.weights = {a: float(weights.get(a, 1.0)) for a in self.ATTRIBUTES}
+        self.weights = named_weights(weights, self.ATTRIBUTES, "slot_weights", "attribute")
 
     def targets(self, scenes) -> torch.Tensor:
         """scenes: (objects, background) pairs -> (b, 13) class ids (-1: not applicable)."""
@@ -229,13 +235,16 @@ class CaptionSlots(nn.Module):
             rows.append(row + [self.backgrounds.index(bg)])
         return torch.tensor(rows, dtype=torch.long)
 
+    def logits(self, emb: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Causal embeddings (b, q, width) -> ((colour, shape, size, cell) logits, each (b, 3, classes + none),
+        background logits (b, backgrounds))."""
+        h = self.ln(self.attn(self.queries.expand(emb.shape[0], -1, -1), emb, emb, need_weights=False)[0])
+        sizes = [len(self.colors) + 1, len(self.shapes) + 1, len(self.sizes) + 1, 10]
+        return self.obj_head(h[:, :3]).split(sizes, dim=-1), self.bg_head(h[:, 3])
+
     def forward(self, emb: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (loss, share of slots right)."""
-        b = emb.shape[0]
-        h = self.ln(self.attn(self.queries.expand(b, -1, -1), emb, emb, need_weights=False)[0])
-        obj = self.obj_head(h[:, :3])                                   # (b, 3, n_obj)
-        sizes = [len(self.colors) + 1, len(self.shapes) + 1, len(self.sizes) + 1, 10]
-        parts = obj.split(sizes, dim=-1)
+        parts, bg_logits = self.logits(emb)
         target = target.to(emb.device)
         losses, right = [], []
         for a, logits in enumerate(parts):
@@ -243,7 +252,6 @@ class CaptionSlots(nn.Module):
             losses.append(self.weights[self.ATTRIBUTES[a]]
                           * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1)))
             right.append((logits.argmax(-1) == t).float().mean())
-        bg_logits = self.bg_head(h[:, 3])
         losses.append(self.weights["background"] * F.cross_entropy(bg_logits, target[:, 12]))
         right.append((bg_logits.argmax(-1) == target[:, 12]).float().mean())
         return sum(losses), sum(right) / len(right)
@@ -409,13 +417,7 @@ class SEEDTokenizer(Tokenizer):
     def set_caption_loss_weights(self, weights: dict | None) -> None:
         """Weight the caption losses (``training.caption_loss_weights``: align, itg, slots; unnamed ones stay 1;
         a zero skips that loss's computation). A training setting, not saved."""
-        weights = weights or {}
-        unknown = sorted(set(weights) - set(self.CAPTION_LOSSES))
-        if unknown:
-            raise ValueError(f"unknown caption_loss_weights loss(es) {unknown}; known: {list(self.CAPTION_LOSSES)}")
-        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in weights.values()):
-            raise ValueError(f"caption_loss_weights must be non-negative numbers: {weights!r}")
-        full = {k: float(weights.get(k, 1.0)) for k in self.CAPTION_LOSSES}
+        full = named_weights(weights, self.CAPTION_LOSSES, "caption_loss_weights", "loss")
         if not any(full.values()):
             raise ValueError("caption_loss_weights turns every caption loss off")
         self.caption_loss_weights = full
