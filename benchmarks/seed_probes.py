@@ -6,6 +6,9 @@
   output tokens to name the shape, with and without a 3x3-convolution adapter (held-out accuracy by step).
 - SEED slot readout: the tokenizer's own slot head on its continuous causal embeddings and on the embeddings
   reconstructed from the 32 ids, one and three objects.
+- SEED fresh slot head: a new slot head trained on the tokenizer's frozen causal embeddings (one-object images,
+  and the training mix of one to three objects): is the attribute in the embeddings, or has the tokenizer's
+  own slot head not learnt to read it yet?
 - SEED code probe: a small probe trained on the 32 ids alone.
 
     .venv/bin/python benchmarks/seed_probes.py --clip runs/clip_p4/clip --tokenizer runs/seed_p4/tokenizer
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mmgen.eval.clip_probe import (attribute_retrieval, clip_shape_readout, seed_code_probe,  # noqa: E402
-                                   seed_slot_readout)
+                                   seed_fresh_slot_readout, seed_slot_readout)
 from mmgen.tokenizers.clip_shapes import ShapesCLIP  # noqa: E402
 from mmgen.tokenizers.seed import SEEDTokenizer  # noqa: E402
 
@@ -36,16 +39,23 @@ def main() -> None:
     ap.add_argument("--clip", required=True, help="a trained CLIP folder (mmgen train clip)")
     ap.add_argument("--tokenizer", help="a SEED tokenizer folder built on that CLIP (mmgen train seed-tokenizer)")
     ap.add_argument("--quick", action="store_true", help="100 readout steps on 1,000 images, 100 probe images")
+    ap.add_argument("--only-tokenizer", action="store_true", help="skip the CLIP probes (they do not depend on the "
+                    "tokenizer)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.manual_seed(0)
     clip = ShapesCLIP.from_pretrained(args.clip)
     n_train, steps, n = (1000, 100, 100) if args.quick else (3500, 400, 300)
-    figures = {"clip": args.clip, "clip_retrieval": attribute_retrieval(clip, n=n)}
-    print("CLIP attribute retrieval:", json.dumps(figures["clip_retrieval"]), flush=True)
-    for name, conv in (("clip_shape_readout", False), ("clip_shape_readout_conv", True)):
-        figures[name] = clip_shape_readout(clip, n_train=n_train, n_test=500, steps=steps, conv=conv, progress=True)
-        print(f"{name}:", json.dumps(figures[name]), flush=True)
+    if args.only_tokenizer and not args.tokenizer:
+        ap.error("--only-tokenizer needs --tokenizer")
+    figures = {"clip": args.clip}
+    if not args.only_tokenizer:
+        figures["clip_retrieval"] = attribute_retrieval(clip, n=n)
+        print("CLIP attribute retrieval:", json.dumps(figures["clip_retrieval"]), flush=True)
+        for name, conv in (("clip_shape_readout", False), ("clip_shape_readout_conv", True)):
+            figures[name] = clip_shape_readout(clip, n_train=n_train, n_test=500, steps=steps, conv=conv,
+                                               progress=True)
+            print(f"{name}:", json.dumps(figures[name]), flush=True)
     if args.tokenizer:
         tok = SEEDTokenizer.from_pretrained(args.tokenizer, with_decoder=False)
         if tok.clip.state_dict().keys() != clip.state_dict().keys() or any(
@@ -56,6 +66,12 @@ def main() -> None:
         for k in (1, 3):
             figures[f"seed_slot_readout_{k}obj"] = seed_slot_readout(tok, n=n, num_objects=k)
             print(f"SEED slot readout, {k} object(s):", json.dumps(figures[f"seed_slot_readout_{k}obj"]), flush=True)
+        fresh_steps = 100 if args.quick else 600
+        for name, k in (("seed_fresh_slots_1obj", 1), ("seed_fresh_slots_mix", None)):
+            figures[name] = seed_fresh_slot_readout(tok, n_train=min(3000, n_train), steps=fresh_steps,
+                                                    train_objects=k, progress=True)
+            print(f"SEED fresh slot head, trained on {k or 'one to three'} object(s):", json.dumps(figures[name]),
+                  flush=True)
         figures["seed_code_probe"] = seed_code_probe(tok)
         print("SEED code probe:", json.dumps(figures["seed_code_probe"]), flush=True)
     line = json.dumps(figures)

@@ -263,7 +263,7 @@ def test_class_token_features_and_round_trip(tmp_path, batch):
 def test_slot_and_shape_readouts_on_debug_models():
     """The diagnostic readouts run on any CLIP and SEED tokenizer, read only the requested objects, and give the
     same figures when rerun (seeded)."""
-    from mmgen.eval.clip_probe import ATTRIBUTES, clip_shape_readout, seed_slot_readout
+    from mmgen.eval.clip_probe import ATTRIBUTES, clip_shape_readout, seed_fresh_slot_readout, seed_slot_readout
 
     tok = debug_seed(with_decoder=False)
     for k in (1, 3):
@@ -276,6 +276,12 @@ def test_slot_and_shape_readouts_on_debug_models():
     a = clip_shape_readout(tok.clip, n_train=40, n_test=12, steps=3, conv=True)
     b = clip_shape_readout(tok.clip, n_train=40, n_test=12, steps=3, conv=True)
     assert a == b and set(a["shape_by_step"]) == {3} and 0 <= a["shape"] <= 1
+    before = {k: v.clone() for k, v in tok.state_dict().items()}
+    fresh = [seed_fresh_slot_readout(tok, n_train=24, n_test=12, steps=3, train_objects=k) for k in (1, None, None)]
+    assert fresh[1] == fresh[2] and set(fresh[0]["final"]) == set(ATTRIBUTES)
+    assert fresh[0]["final"]["shape"] == fresh[0]["shape_by_step"][3]
+    # the probe trains its own head: the tokenizer (its slot head included) is left as it was
+    assert all(torch.equal(v, tok.state_dict()[k]) for k, v in before.items())
 
 
 def test_slot_weights_scale_each_attribute_loss():
@@ -319,3 +325,21 @@ def test_caption_loss_weights_switch_losses_off(batch):
                      ({"align": 0, "itg": 0, "slots": 0}, "every caption loss off")):
         with pytest.raises(ValueError, match=msg):
             tok.set_caption_loss_weights(bad)
+
+
+def test_slot_ablation_benchmark_runs_and_rejects_bad_options(tmp_path):
+    """benchmarks/seed_slot_ablation.py trains the tokenizer's own Q-Former and slot head on a CLIP's frozen
+    tokens: a tiny run ends with one JSON line holding every requested variant; bad options fail clearly."""
+    torch.manual_seed(0)
+    ShapesCLIP(CLIP_CONFIGS["debug"]).save_pretrained(tmp_path / "clip")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "seed_slot_ablation.py"), "--clip", str(tmp_path / "clip"),
+           "--steps", "2", "--n-train", "128"]
+    out = subprocess.run(cmd + ["--variants", "shape_first", "one_object", "--fresh-probe", "--probe-steps", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("shape_first", "one_object"):
+        assert set(figures[name]) == {"shape_by_step", "final", "fresh_probe_shape_by_step"}
+        assert set(figures[name]["shape_by_step"]) == {"2"} and 0 <= figures[name]["final"]["shape"] <= 1
+    bad = subprocess.run(cmd + ["--variants", "no_such"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
