@@ -30,12 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mmgen.eval.clip_probe import clip_tokens, slot_scores, train_slot_head  # noqa: E402
 from mmgen.tokenizers.clip_shapes import ShapesCLIP  # noqa: E402
 from mmgen.tokenizers.seed import CaptionSlots, CausalQFormer, SEEDConfig  # noqa: E402
 from mmgen.train.common import cosine_lr  # noqa: E402
@@ -51,22 +51,6 @@ VARIANTS = {
     "shape_first": {"shape_first": True},
 }
 SHAPE_ONLY = {"color": 0, "size": 0, "cell": 0, "background": 0}
-
-
-@torch.no_grad()
-def clip_tokens(clip, samples) -> torch.Tensor:
-    x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).float() / 255
-    return torch.cat([clip.image_features(x[i:i + 250], class_token=True)[0] for i in range(0, len(x), 250)])
-
-
-def scores(slots: CaptionSlots, emb: torch.Tensor, target: torch.Tensor) -> dict:
-    """Per attribute, the share of one-object images whose first slot names it (background: the image's)."""
-    with torch.no_grad():
-        parts, bg = slots.logits(emb)
-    row = {a: (p[:, 0].argmax(-1) == target[:, i]).float().mean().item()
-           for i, (a, p) in enumerate(zip(("color", "shape", "size", "cell"), parts))}
-    row["background"] = (bg.argmax(-1) == target[:, 12]).float().mean().item()
-    return row
 
 
 def train_variant(name: str, feats: dict, cfg: SEEDConfig, steps: int, probe_steps: int) -> dict:
@@ -97,36 +81,23 @@ def train_variant(name: str, feats: dict, cfg: SEEDConfig, steps: int, probe_ste
         opt.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
             with torch.no_grad():
-                curve[step + 1] = scores(slots, qf(feats["test"]), feats["test_t"])["shape"]
+                curve[step + 1] = slot_scores(slots, qf(feats["test"]), feats["test_t"])["shape"]
             print(f"  {name}: step {step + 1}: shape {curve[step + 1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
     with torch.no_grad():
-        out = {"shape_by_step": curve, "final": scores(slots, qf(feats["test"]), feats["test_t"])}
+        out = {"shape_by_step": curve, "final": slot_scores(slots, qf(feats["test"]), feats["test_t"])}
     if probe_steps:
         out["fresh_probe_shape_by_step"] = fresh_head(qf, feats, cfg, probe_steps)
     return out
 
 
-def fresh_head(qf: CausalQFormer, feats: dict, cfg: SEEDConfig, steps: int = 600) -> dict:
+def fresh_head(qf: CausalQFormer, feats: dict, cfg: SEEDConfig, steps: int) -> dict:
     """A new slot head on the frozen Q-Former's embeddings of the one-object training images; shape by step."""
     qf.eval()
     with torch.no_grad():
         one = feats["one_idx"]
         e_train = torch.cat([qf(feats["train"][one[i:i + 500]]) for i in range(0, len(one), 500)])
         e_test = qf(feats["test"])
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    head = CaptionSlots(cfg)
-    opt = torch.optim.AdamW(head.parameters(), 1e-3, betas=(0.9, 0.98))
-    target = feats["train_t"][one]
-    curve = {}
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(one), (128,), generator=gen)
-        loss, _ = head(e_train[idx], target[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps:
-            curve[step] = scores(head, e_test, feats["test_t"])["shape"]
+    curve = train_slot_head(cfg, e_train, feats["train_t"][one], e_test, feats["test_t"], steps)["shape_by_step"]
     print(f"  fresh head on the frozen embeddings: {curve}", flush=True)
     return curve
 

@@ -3,6 +3,7 @@ that changes exactly one attribute (colour, shape, size, position, background)? 
 images for which it does. This is how the project checks its CLIP judge and SEED's vision tower."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mmgen.worlds import shapes
@@ -102,14 +103,51 @@ def seed_slot_readout(tokenizer, n: int = 300, num_objects: int = 1, seed: int =
     slots = tokenizer.caption_slots
     target = slots.targets([(s.objects, s.background) for s in samples])
     recon, _ = tokenizer.embed_ids(tokenizer.encode(images))
-    out = {}
-    for name, emb in (("embeddings", tokenizer.causal_embeddings(images)), ("codes", recon)):
-        parts, bg_logits = slots.logits(emb)
-        row = {attr: (logits[:, :num_objects].argmax(-1) == target[:, a:12:4][:, :num_objects]).float().mean().item()
-               for a, (attr, logits) in enumerate(zip(("color", "shape", "size", "cell"), parts))}
-        row["background"] = (bg_logits.argmax(-1) == target[:, 12]).float().mean().item()
-        out[name] = row
-    return out
+    return {name: slot_scores(slots, emb, target, num_objects)
+            for name, emb in (("embeddings", tokenizer.causal_embeddings(images)), ("codes", recon))}
+
+
+@torch.no_grad()
+def slot_scores(slots, emb: torch.Tensor, target: torch.Tensor, num_objects: int = 1) -> dict:
+    """A slot head (``CaptionSlots``) on embeddings (b, q, width) against ``slots.targets``: per attribute, the
+    share of the first ``num_objects`` objects (reading order) it names, and of images whose background."""
+    parts, bg_logits = slots.logits(emb)
+    row = {attr: (logits[:, :num_objects].argmax(-1) == target[:, a:12:4][:, :num_objects]).float().mean().item()
+           for a, (attr, logits) in enumerate(zip(("color", "shape", "size", "cell"), parts))}
+    row["background"] = (bg_logits.argmax(-1) == target[:, 12]).float().mean().item()
+    return row
+
+
+@torch.no_grad()
+def clip_tokens(clip, samples) -> torch.Tensor:
+    """World samples -> the frozen CLIP's output tokens (class token first, then the patches), 250 at a time."""
+    x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).float() / 255
+    return torch.cat([clip.image_features(x[i:i + 250], class_token=True)[0] for i in range(0, len(x), 250)])
+
+
+def train_slot_head(config, e_train: torch.Tensor, t_train: torch.Tensor, e_test: torch.Tensor,
+                    t_test: torch.Tensor, steps: int, progress: bool = False) -> dict:
+    """A fresh slot head (``CaptionSlots``, the tokenizer's optimiser settings) trained on fixed embeddings and
+    their targets, scored on one-object test embeddings: shape every 100 steps, every attribute at the end.
+    Seeded, so a rerun gives the same figures."""
+    from mmgen.tokenizers.seed import CaptionSlots
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    head = CaptionSlots(config)
+    opt = torch.optim.AdamW(head.parameters(), 1e-3, betas=(0.9, 0.98))
+    curve = {}
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(e_train), (128,), generator=gen)
+        loss, _ = head(e_train[idx], t_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps:
+            curve[step] = slot_scores(head, e_test, t_test)["shape"]
+            if progress:
+                print(f"  fresh slot head: step {step}: shape {curve[step]:.3f}", flush=True)
+    return {"shape_by_step": curve, "final": slot_scores(head, e_test, t_test)}
 
 
 def clip_shape_readout(clip, n_train: int = 3500, n_test: int = 500, steps: int = 400, conv: bool = False,
@@ -119,17 +157,14 @@ def clip_shape_readout(clip, n_train: int = 3500, n_test: int = 500, steps: int 
     cross-attention and MLP, width 192), trained alone on one-object images to name the shape; ``conv``
     first mixes neighbouring patches with two 3x3 convolutions (residual). Returns held-out shape accuracy
     every 100 steps (chance 1/6). Training is seeded, so a rerun gives the same figures."""
-    import numpy as np
     import torch.nn.functional as F
     from torch import nn
 
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     samples = list(shapes.generate(n_train + n_test, seed + 3, size=clip.image_size, num_objects=1))
-    x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).float() / 255
     y = torch.tensor([shapes.SHAPES.index(s.objects[0].shape) for s in samples])
-    with torch.no_grad():
-        f = torch.cat([clip.image_features(x[i:i + 250], class_token=True)[0] for i in range(0, len(x), 250)])
+    f = clip_tokens(clip, samples)
     width, dim, grid = 192, f.shape[-1], int(round((f.shape[1] - 1) ** 0.5))
 
     class Readout(nn.Module):
@@ -183,8 +218,6 @@ def seed_fresh_slot_readout(tokenizer, n_train: int = 3000, n_test: int = 500, s
     accuracy every 100 steps and every attribute at the end. Seeded, so a rerun gives the same figures."""
     import itertools
 
-    from mmgen.tokenizers.seed import CaptionSlots
-
     size = tokenizer.config.image_size
     train = list(itertools.islice(shapes.generate(None, seed + 11, size=size, num_objects=train_objects,
                                                   exclude_combos=shapes.HELD_OUT_COMBOS), n_train))
@@ -195,31 +228,8 @@ def seed_fresh_slot_readout(tokenizer, n_train: int = 3000, n_test: int = 500, s
         return torch.cat([tokenizer.causal_embeddings([s.image for s in samples[i:i + 250]])
                           for i in range(0, len(samples), 250)]).cpu()
 
-    e_train, e_test = embed(train), embed(test)
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    head = CaptionSlots(tokenizer.config)
-    t_train = head.targets([(s.objects, s.background) for s in train])
-    t_test = head.targets([(s.objects, s.background) for s in test])
-    opt = torch.optim.AdamW(head.parameters(), 1e-3, betas=(0.9, 0.98))
+    def targets(samples):
+        return tokenizer.caption_slots.targets([(s.objects, s.background) for s in samples])
 
-    @torch.no_grad()
-    def scores() -> dict:
-        parts, bg_logits = head.logits(e_test)
-        row = {attr: (logits[:, 0].argmax(-1) == t_test[:, a]).float().mean().item()
-               for a, (attr, logits) in enumerate(zip(("color", "shape", "size", "cell"), parts))}
-        row["background"] = (bg_logits.argmax(-1) == t_test[:, 12]).float().mean().item()
-        return row
-
-    curve = {}
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, n_train, (128,), generator=gen)
-        loss, _ = head(e_train[idx], t_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps:
-            curve[step] = scores()["shape"]
-            if progress:
-                print(f"  fresh slot head: step {step}: shape {curve[step]:.3f}", flush=True)
-    return {"shape_by_step": curve, "final": scores()}
+    return train_slot_head(tokenizer.config, embed(train), targets(train), embed(test), targets(test), steps,
+                           progress)
