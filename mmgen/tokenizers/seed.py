@@ -512,14 +512,25 @@ class SEEDTokenizer(Tokenizer):
         return loss + loss_q + vq + rec + gen_loss, {**row, **row_q, "vq": vq.item(), "rec": rec.item(),
                                                      "gen": gen_loss.item(), "ppl": ppl.item()}
 
+    @torch.no_grad()
+    def decoder_targets(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (SEED ids (b, num_queries), VAE code ids (b, h, w)): all the decoder learns from, so a
+        trainer can compute them once and reuse them (the frozen CLIP, Q-Former and VAE encoder cost as much
+        as a decoder step)."""
+        x = images_to_tensor(images).to(self.device)
+        return self.encode(x), self.vae.quantizer(self.vae.encoder(x * 2 - 1)).ids
+
+    def decoder_loss_from_ids(self, ids: torch.Tensor, vae_ids: torch.Tensor,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+        """The diffusion decoder's loss on ``decoder_targets`` (tokenizer and VAE frozen)."""
+        with torch.no_grad():
+            recon, gen = self.embed_ids(ids)
+            latents = self.vae.quantizer.embed(vae_ids) * self.config.latent_scale
+        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen), generator)
+
     def decoder_loss(self, images, generator: torch.Generator | None = None) -> torch.Tensor:
         """The diffusion decoder's loss on images (tokenizer and VAE frozen)."""
-        with torch.no_grad():
-            ids = self.encode(images)
-            recon, gen = self.embed_ids(ids)
-            x = images_to_tensor(images).to(self.device)
-            latents = self.vae.quantizer(self.vae.encoder(x * 2 - 1)).quantized * self.config.latent_scale
-        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen), generator)
+        return self.decoder_loss_from_ids(*self.decoder_targets(images), generator)
 
     # ---- pixels ---------------------------------------------------------------------------------------
     @torch.no_grad()

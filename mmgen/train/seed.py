@@ -218,6 +218,9 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
     for n, p in tok.named_parameters():
         p.requires_grad_(n.startswith("diffusion."))
     batch = int(tr.get("batch_size", 32))
+    cache = int(tr.get("cache_images", 0))
+    if cache and cache < batch:
+        raise ValueError(f"training.cache_images ({cache}) must be 0 (fresh images every step) or >= batch_size ({batch})")
     gen = torch.Generator().manual_seed(int(tr.get("seed", 0)) + 2)
 
     class Wrapper(torch.nn.Module):  # forward = the decoder loss, so DDP syncs it
@@ -225,14 +228,33 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
             super().__init__()
             self.t = t
 
-        def forward(self, x):
-            return self.t.decoder_loss(x, gen)
+        def forward(self, ids, vae_ids):
+            return self.t.decoder_loss_from_ids(ids, vae_ids, gen)
 
     def loss_fn(model, data, step):
-        return model(data[0]), {}
+        return model(*data), {}
+
+    def targets(size: int):  # world scenes -> (SEED ids, VAE ids) batches
+        return lambda seed, rank: (tok.decoder_targets(x) for x, _ in
+                                   _shapes_batches(size, tok.config.image_size)(seed, rank))
+
+    def cached(seed, rank):
+        """``cache_images`` scenes encoded once (the same ones after a resume), then shuffled batches of them."""
+        chunks = targets(64)(int(tr.get("seed", 0)) * 7919 + 104729, rank)
+        ids, vae_ids = [], []
+        for _ in tqdm(range(-(-cache // 64)), desc="seed-decoder cache", disable=not progress):
+            a, b = next(chunks)
+            ids.append(a)
+            vae_ids.append(b)
+        ids, vae_ids = torch.cat(ids)[:cache], torch.cat(vae_ids)[:cache]
+        order = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(cache, generator=order).to(ids.device)
+            for i in range(0, cache - batch + 1, batch):
+                yield ids[perm[i:i + batch]], vae_ids[perm[i:i + batch]]
 
     wrapper = Wrapper(tok)
     run_loop("seed-decoder", wrapper, list(tok.diffusion.parameters()), recipe, out,
-             _shapes_batches(batch, tok.config.image_size), loss_fn,
+             cached if cache else targets(batch), loss_fn,
              lambda m: m.t.save_pretrained(out / "tokenizer"), steps, resume, progress, max_minutes=max_minutes)
     return out / "tokenizer"

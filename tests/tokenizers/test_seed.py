@@ -343,3 +343,33 @@ def test_slot_ablation_benchmark_runs_and_rejects_bad_options(tmp_path):
         assert set(figures[name]["shape_by_step"]) == {"2"} and 0 <= figures[name]["final"]["shape"] <= 1
     bad = subprocess.run(cmd + ["--variants", "no_such"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_decoder_cache_trains_on_encoded_scenes_and_resumes(tmp_path, batch):
+    """The decoder's loss from cached (SEED ids, VAE ids) is the loss on the images; a cached run trains, saves,
+    resumes on the same cache, and a cache smaller than a batch is refused."""
+    from mmgen.train.seed import train_seed_decoder
+
+    tok = debug_seed()
+    x, _ = batch
+    direct = tok.decoder_loss(x, torch.Generator().manual_seed(4))
+    ids, vae_ids = tok.decoder_targets(x)
+    assert ids.shape == (len(x), tok.config.num_queries) and vae_ids.shape == (len(x), *tok.vae.layout.grid)
+    torch.testing.assert_close(tok.decoder_loss_from_ids(ids, vae_ids, torch.Generator().manual_seed(4)), direct)
+    debug_seed(with_decoder=False).save_pretrained(tmp_path / "tok")
+    debug_vae().save_pretrained(tmp_path / "vae")
+    recipe = tmp_path / "dec.yaml"
+    recipe.write_text("decoder: {unet_channels: [16, 32], sample_steps: 2}\n"
+                      "training: {steps: 3, batch_size: 4, cache_images: 10, save_every: 1, log_every: 1}\n")
+    out = tmp_path / "dec"
+    train_seed_decoder(str(recipe), str(tmp_path / "tok"), str(tmp_path / "vae"), str(out), progress=False)
+    train_seed_decoder(str(recipe), str(tmp_path / "tok"), str(tmp_path / "vae"), str(out), steps=5,
+                       resume=True, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(r["loss"] > 0 for r in rows)
+    trained = SEEDTokenizer.from_pretrained(out / "tokenizer")
+    assert trained.decode(ids[:1], torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
+    recipe.write_text("training: {steps: 3, batch_size: 4, cache_images: 3}\n")
+    with pytest.raises(ValueError, match="cache_images"):
+        train_seed_decoder(str(recipe), str(tmp_path / "tok"), str(tmp_path / "vae"), str(tmp_path / "bad"),
+                           progress=False)
