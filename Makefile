@@ -26,6 +26,8 @@ demo: setup
 	$(VENV)/bin/mmgen image --prompts-file examples/shapes_prompts.txt --seed 0 -o outputs/demo
 	@echo
 	@echo "Images written to outputs/demo/ (000.png ... one per line of examples/shapes_prompts.txt)."
+	@echo "What checkpoints/seed (the SEED model that also sees) reads in the first three:"
+	$(VENV)/bin/mmgen caption --with-names outputs/demo/000.png outputs/demo/001.png outputs/demo/002.png
 	@echo "Try your own:  $(VENV)/bin/mmgen image 'a large red circle at the top left on a black background' -o x.png"
 	@echo "Python API:    see README.md (TextToImagePipeline.from_pretrained('checkpoints/shapes'))"
 	@echo "Web studio:    $(VENV)/bin/mmgen studio   then open http://127.0.0.1:7860"

@@ -326,8 +326,8 @@ def cmd_caption(args) -> int:
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot read image {name}: {e}") from None
     if not Path(args.checkpoint, "model_index.json").is_file() and args.checkpoint == CAPTION_CHECKPOINT:
-        raise SystemExit(f"error: no captioning checkpoint at {args.checkpoint}: none ships yet. Build one with "
-                         "the commands in docs/seed.md and pass --checkpoint DIR")
+        raise SystemExit(f"error: no captioning checkpoint at {args.checkpoint} (it ships with the repository; "
+                         "docs/seed.md builds one): pass --checkpoint DIR")
     pipe = ImageToTextPipeline.from_pretrained(args.checkpoint)
     size = pipe.tokenizer.config.image_size
     wrong = [n for n, im in zip(args.images, images) if im.size != (size, size)]
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     cp.add_argument("images", nargs="+", help="image files (64x64 for the shipped SEED checkpoint)")
     cp.add_argument("--checkpoint", default=CAPTION_CHECKPOINT,
-                    help="a checkpoint trained on both directions (default: checkpoints/seed, once one ships; "
+                    help="a checkpoint trained on both directions (default: checkpoints/seed; "
                          "docs/seed.md builds one)")
     cp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0 samples")
     cp.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")

@@ -147,9 +147,12 @@ def test_caption_without_a_checkpoint_says_how_to_get_one(tmp_path):
 
     png = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(png)
-    if not Path(CAPTION_CHECKPOINT, "model_index.json").is_file():  # none ships yet: say how to build one
+    if not Path(CAPTION_CHECKPOINT, "model_index.json").is_file():  # a checkout without it: say how to build one
         r = mmgen("caption", png)
         assert r.returncode != 0 and "docs/seed.md" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = mmgen("caption", png, "--checkpoint", tmp_path / "empty")
+    assert r.returncode != 0 and "model_index.json" in r.stderr and "Traceback" not in r.stderr
     r = mmgen("caption", tmp_path / "missing.png", "--checkpoint", tmp_path)
     assert r.returncode != 0 and "cannot read image" in r.stderr
 
