@@ -241,12 +241,8 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
     def cached(seed, rank):
         """``cache_images`` scenes encoded once (the same ones after a resume), then shuffled batches of them."""
         chunks = targets(64)(int(tr.get("seed", 0)) * 7919 + 104729, rank)
-        ids, vae_ids = [], []
-        for _ in tqdm(range(-(-cache // 64)), desc="seed-decoder cache", disable=not progress):
-            a, b = next(chunks)
-            ids.append(a)
-            vae_ids.append(b)
-        ids, vae_ids = torch.cat(ids)[:cache], torch.cat(vae_ids)[:cache]
+        pairs = [next(chunks) for _ in tqdm(range(-(-cache // 64)), desc="seed-decoder cache", disable=not progress)]
+        ids, vae_ids = (torch.cat(part)[:cache] for part in zip(*pairs))
         order = torch.Generator().manual_seed(seed)
         while True:
             perm = torch.randperm(cache, generator=order).to(ids.device)
