@@ -6,11 +6,18 @@ lines), colour and alignment checks, PSNR, bits per pixel (tokens x log2(vocabul
 encode + decode seconds per image. The ceiling is Tesseract on the very images the tokenizers reconstruct, so
 ``cer_gap`` (tokenizer CER minus ceiling CER) compares like with like.
 
+``card_off``: of the blank card (the tokens whose pixels are all the page's background colour), the share of
+pixels the reconstruction puts more than 30 levels (summed over R, G, B) from that colour: the threshold the
+colour and alignment checks count as ink, so every such pixel is read as ink; by background too.
+``--crop-probe`` (binary tokenizers) also encodes each page's top-left 64x64 corner alone, as the crop-trained
+recipes train, and compares ``card_off`` there with the same corner encoded inside the whole page: a tokenizer
+that takes the card colour from a crop's border decodes the corner right alone and wrong in the page.
+
     .venv/bin/python benchmarks/text_tokenizers.py --tokenizers checkpoints/text_tokenizer runs/vq_text/tokenizer
     .venv/bin/python benchmarks/text_tokenizers.py --quick --tokenizers checkpoints/text_tokenizer   # 5 + 5 scenes
 
 Ends with one JSON line: ``ceiling_cer`` and, per tokenizer (by folder), cer / cer_short / cer_long /
-cer_gap / psnr / bits_per_pixel, and ``binary_beats_vq`` when one of each type is given.
+cer_gap / psnr / bits_per_pixel / card_off (and the crop probe's figures), and ``binary_beats_vq`` when one of each type is given.
 """
 from __future__ import annotations
 
@@ -30,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmgen.eval import text_eval  # noqa: E402
 from mmgen.eval.text_run import eval_scenes  # noqa: E402
 from mmgen.pipelines.text_to_image import load_tokenizer  # noqa: E402
-from mmgen.tokenizers.vq_image import tensor_to_images  # noqa: E402
+from mmgen.tokenizers.vq_image import images_to_tensor, tensor_to_images  # noqa: E402
+from mmgen.worlds.text import BACKGROUNDS  # noqa: E402
+
+OFF_LEVELS = 30  # text_eval's ink threshold: summed |RGB - background| above this is ink
 
 
 def judge_all(images, samples, desc: str) -> dict:
@@ -51,12 +61,53 @@ def reconstruct(tokenizer, samples, batch: int) -> tuple[list, float]:
     return images, seconds / len(samples)
 
 
+def card_masks(original, background: str, cell: int, window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels of whole blank-card token cells, the background colour) of a page, or of its top-left ``window``
+    pixels."""
+    a = np.asarray(original, dtype=float)
+    if window:
+        a = a[:window, :window]
+    bg = np.array(BACKGROUNDS[background], dtype=float)
+    flat = (a == bg).all(-1)
+    h, w = flat.shape
+    cells = flat.reshape(h // cell, cell, w // cell, cell).all((1, 3))
+    return np.kron(cells, np.ones((cell, cell), dtype=bool)).astype(bool), bg
+
+
+def card_off(images, samples, cell: int, window: int | None = None) -> dict:
+    """Share of blank-card pixels reconstructed off the card colour, over all pages and by background."""
+    off, total = {}, {}
+    for im, s in zip(images, samples):
+        mask, bg = card_masks(s.image, s.background, cell, window)
+        r = np.asarray(im, dtype=float)[:mask.shape[0], :mask.shape[1]]
+        bad = (np.abs(r - bg).sum(-1) > OFF_LEVELS) & mask
+        for key in ("all", s.background):
+            off[key] = off.get(key, 0) + int(bad.sum())
+            total[key] = total.get(key, 0) + int(mask.sum())
+    return {k: round(off[k] / total[k], 4) for k in total if total[k]}
+
+
+@torch.no_grad()
+def corner_alone(tokenizer, samples, window: int = 64) -> list:
+    """Each page's top-left ``window`` x ``window`` pixels encoded and decoded alone, at their page positions
+    (the way the crop-trained recipes train)."""
+    out = []
+    offset = torch.zeros(1, 2, dtype=torch.long)
+    for s in samples:
+        x = images_to_tensor([s.image])[..., :window, :window].to(tokenizer.device)
+        recon, _, _ = tokenizer(x, offset=offset.to(tokenizer.device))
+        out += tensor_to_images(recon)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizers", nargs="+", required=True, help="tokenizer folders (same canvas)")
     ap.add_argument("--n", type=int, default=None, help="short and long scenes each (default 40, --quick 5)")
     ap.add_argument("--quick", action="store_true", help="5 short and 5 long scenes")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop-probe", action="store_true",
+                    help="binary tokenizers: card_off of each page's top-left 64x64 encoded alone vs in the page")
     args = ap.parse_args()
     if not text_eval.have_tesseract():
         raise SystemExit("error: needs the tesseract binary (Debian: tesseract-ocr tesseract-ocr-eng; make setup)")
@@ -83,7 +134,11 @@ def main() -> None:
                "color": res["all"]["color"], "alignment": res["all"]["alignment"],
                "psnr": round(float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9))), 2),
                "bits_per_pixel": round(tok.layout.num_tokens * math.log2(tok.vocab_size) / canvas ** 2, 4),
-               "seconds_per_image": round(sec, 4)}
+               "seconds_per_image": round(sec, 4),
+               "card_off": card_off(images, samples, tok.config.downsample)}
+        if args.crop_probe and tok.type_name == "binary_text":
+            row["card_off_corner_in_page"] = card_off(images, samples, tok.config.downsample, 64)
+            row["card_off_corner_alone"] = card_off(corner_alone(tok, samples), samples, tok.config.downsample, 64)
         figures["tokenizers"][path] = row
         print(json.dumps({path: row}), file=sys.stderr)
     by_type = {row["type"]: row for row in figures["tokenizers"].values()}
