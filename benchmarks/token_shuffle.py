@@ -26,7 +26,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,13 +41,15 @@ TEXT_BYTES = 256  # the text world's quoted texts reach 219 bytes
 PROMPT = 'a white card with the text "Hello world" in large blue serif letters, center aligned'
 
 
-def build(tokenizer, window: int, text_bytes: int) -> MMGenTransformer:
+def build(tokenizer, window: int, text_bytes: int, head: str = "full") -> MMGenTransformer:
+    """The ``base`` model over ``tokenizer``'s grid; ``head``: the image head (``ARConfig.image_head``)."""
     torch.manual_seed(0)
     vocab = Vocabulary.build({"image": tokenizer.vocab_size})
     positions = 48 + text_bytes + 2 + 2 + tokenizer.layout.num_tokens // window ** 2
     cfg = ARConfig(**{**asdict(AR_CONFIGS["base"]), "vocab": vocab.to_dict(), "shuffle_window": window,
                       "shuffle_grid": tuple(tokenizer.layout.grid), "text_bytes": text_bytes,
-                      "max_positions": max(1536, positions)})
+                      "max_positions": max(1536, positions), "image_head": head,
+                      "image_bits": tokenizer.config.bits if head == "bitwise" else 0})
     return MMGenTransformer(cfg)
 
 
@@ -68,11 +69,8 @@ def train_speed(model, tokenizer, text, steps: int, batch: int) -> float:
         t0 = time.perf_counter()
         prefix = model.prefix(cond.states, cond.mask)
         start = torch.cat([slot, torch.full((len(captions), 1), boi)], 1)
-        if model.tokens_per_step > 1:
-            logits = model(prefix, start, image_ids=ids)
-        else:
-            logits = model(prefix, torch.cat([start, ids[:, :-1]], 1))[:, start.shape[1] - 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+        # the trainer's loss: every image token, through the model's own head (``MMGenTransformer.loss``)
+        loss = model(prefix, start, image_ids=ids, target=ids)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -3,7 +3,8 @@
 mmgen adds: the unified-vocabulary embedding with a modality embedding on top, a projector that turns
 the frozen sentence encoder's token states into a fixed-length prefix (padding and dropped conditions use
 a learnt null prefix, which is what classifier-free guidance samples against), and a head over the whole
-vocabulary. Training and reference forwards go through LlamaModel; ``prefill``/``decode_step`` run the same
+vocabulary: one learnt row per id (``image_head: full``), or, over a binary tokenizer whose id is its bit
+pattern, a bitwise head for the image range (``image_head: bitwise``, see ``MMGenTransformer.logits``). Training and reference forwards go through LlamaModel; ``prefill``/``decode_step`` run the same
 weights with a preallocated KV cache and no per-step mask building, which is what makes decoding fast on a
 CPU (tests check them against the LlamaModel forward).
 """
@@ -39,6 +40,8 @@ class ARConfig:
     shuffle_window: int = 1       # Token-Shuffle window s (1: one position per token, the plain model)
     shuffle_grid: tuple = (0, 0)  # the image token grid (H, W) the windows tile; set from the tokenizer
     text_bytes: int = 0           # quoted prompt text as byte tokens, a slot of this many bytes (0: off)
+    image_head: str = "full"      # "full": a learnt logit row per image id; "bitwise": one logit per bit of the id
+    image_bits: int = 0           # bitwise head: B, the image range holding 2^B ids (set from the tokenizer)
 
 
 AR_CONFIGS = {
@@ -86,7 +89,23 @@ class MMGenTransformer(nn.Module):
         self.cond_proj = nn.Sequential(nn.LayerNorm(config.cond_dim), nn.Linear(config.cond_dim, d), nn.SiLU(),
                                        nn.Linear(d, d))
         self.null_cond = nn.Parameter(torch.randn(config.max_cond_tokens, d) * 0.02)
-        self.lm_head = nn.Linear(d, self.vocab.size, bias=False)
+        if config.image_head == "full":
+            self.lm_head = nn.Linear(d, self.vocab.size, bias=False)
+        elif config.image_head == "bitwise":
+            lo, hi = self.vocab.range("image")
+            if config.image_bits <= 0 or hi - lo != 2 ** config.image_bits:
+                raise ValueError(f"a bitwise image head needs an image range of 2^image_bits ids; the range holds "
+                                 f"{hi - lo} and image_bits is {config.image_bits}")
+            self.lm_head = nn.Linear(d, self.vocab.size - (hi - lo), bias=False)  # every id outside the range
+            self.bit_head = nn.Linear(d, config.image_bits)
+            nn.init.normal_(self.bit_head.weight, std=0.02)
+            nn.init.zeros_(self.bit_head.bias)
+            ids = torch.arange(hi - lo)
+            # bit j of a local id (least significant first); derived, so not saved
+            self.register_buffer("bit_table", ((ids[:, None] >> torch.arange(config.image_bits)) & 1).float(),
+                                 persistent=False)
+        else:
+            raise ValueError(f"image_head must be 'full' or 'bitwise', got {config.image_head!r}")
         nn.init.normal_(self.lm_head.weight, std=0.02)
         self.head_dim = d // config.num_heads
         self.shuffle = (TokenShuffle(d, config.shuffle_window, tuple(config.shuffle_grid))
@@ -128,43 +147,93 @@ class MMGenTransformer(nn.Module):
             return self.embed(ids.reshape(ids.shape[0], 1))
         return self.shuffle.merge(self.embed(ids.reshape(ids.shape[0], 1, -1)))
 
+    def token_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., d) -> the states the head reads: the same, or with Token-Shuffle one
+        state per token of the next window (..., s*s, d)."""
+        if self.shuffle is None:
+            return hidden
+        squeeze = hidden.dim() == 2
+        out = self.shuffle.split(hidden[:, None] if squeeze else hidden)
+        return out[:, 0] if squeeze else out
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Head states (..., d) -> logits over the unified vocabulary (..., vocab).
+
+        The bitwise head (Infinity's bitwise classifier, Han et al. 2024, over a tokenizer whose id is its bit
+        pattern) predicts one logit l_j per bit and gives image id t the logit sum_j bit_j(t) l_j: the softmax
+        over the image range then factorises into independent bits, p(bit j = 1) = sigmoid(l_j). It is a
+        linear head whose rows are tied to the bit table, so every sampler (guidance, temperature, top-k)
+        works on these logits unchanged; training never builds them (``loss``). How it differs from
+        Infinity: the bits share one softmax with the ids outside the image range (bytes, specials), which a
+        small learnt head scores, so the loss is one exact cross-entropy over the whole vocabulary."""
+        if self.config.image_head == "full":
+            return self.lm_head(states)
+        lo, _ = self.vocab.range("image")
+        other = self.lm_head(states)
+        image = self.bit_head(states) @ self.bit_table.T
+        return torch.cat([other[..., :lo], image, other[..., lo:]], -1)
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., d) -> logits (..., vocab), or (..., s*s, vocab) with Token-Shuffle."""
-        if self.shuffle is None:
-            return self.lm_head(hidden)
-        squeeze = hidden.dim() == 2
-        h = hidden[:, None] if squeeze else hidden
-        out = self.lm_head(self.shuffle.split(h))
-        return out[:, 0] if squeeze else out
+        return self.logits(self.token_states(hidden))
+
+    def loss(self, states: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of unified ids ``target`` (...) from head states (..., d); -100 is ignored.
+
+        Equal to cross-entropy on ``logits(states)``. The bitwise head never builds the 2^B image logits: their
+        log-sum-exp is sum_j softplus(l_j) and a target's logit is its bits dotted with l, so a token costs B
+        + (ids outside the image range) outputs instead of the whole vocabulary."""
+        states, target = states.reshape(-1, states.shape[-1]), target.reshape(-1)
+        if self.config.image_head == "full":
+            return F.cross_entropy(self.lm_head(states), target)
+        keep = target != -100
+        states, target = states[keep], target[keep]
+        lo, hi = self.vocab.range("image")
+        other, bits = self.lm_head(states), self.bit_head(states)
+        log_z = torch.logaddexp(F.softplus(bits).sum(-1), torch.logsumexp(other, -1))
+        is_image = (target >= lo) & (target < hi)
+        image_logit = (self.bit_table[(target - lo).clamp(0, hi - lo - 1)] * bits).sum(-1)
+        other_index = torch.where(target < lo, target, target - (hi - lo)).clamp(0, other.shape[-1] - 1)
+        other_logit = other.gather(-1, other_index[:, None])[:, 0]
+        return (log_z - torch.where(is_image, image_logit, other_logit)).mean()
 
     def image_logits(self, prefix: torch.Tensor, start_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits for every image token, raster order: (b, N, vocab).
 
         prefix (b, p, d), start_ids (b, S) (e.g. <boi>), image_ids (b, N) unified ids in the tokenizer's order."""
+        return self.logits(self.image_states(prefix, start_ids, image_ids))
+
+    def image_states(self, prefix: torch.Tensor, start_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced head states for every image token, raster order: (b, N, d) (see ``image_logits``)."""
         if self.shuffle is None:
             ids = torch.cat([start_ids, image_ids[:, :-1]], 1)
-            return self.forward(prefix, ids)[:, start_ids.shape[1] - 1:]
+            return self.states(prefix, ids)[:, start_ids.shape[1] - 1:]
         windows = self.shuffle.to_windows(image_ids)                     # (b, n, s*s)
         x = torch.cat([prefix, self.embed(start_ids), self.shuffle.merge(self.embed(windows[:, :-1]))], 1)
         if x.shape[1] > self.config.max_positions:
             raise ValueError(f"sequence of {x.shape[1]} positions exceeds max_positions={self.config.max_positions}")
         h = self.llama(inputs_embeds=x, use_cache=False).last_hidden_state
         h = h[:, prefix.shape[1] + start_ids.shape[1] - 1:]              # (b, n, d), already final-normed
-        return self.shuffle.to_raster(self.head(h))
+        return self.shuffle.to_raster(self.token_states(h))
 
     # ---- reference forward (training) -------------------------------------------------------------------
-    def forward(self, prefix: torch.Tensor, ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, prefix: torch.Tensor, ids: torch.Tensor, image_ids: torch.Tensor | None = None,
+                target: torch.Tensor | None = None) -> torch.Tensor:
         """prefix (b, p, d), ids (b, t) -> logits (b, t, vocab): position i predicts ids[:, i + 1].
 
-        With ``image_ids`` (b, N), ``ids`` are the start ids and this is ``image_logits`` (the training entry
-        that also works under DistributedDataParallel, which only syncs what goes through forward)."""
-        if image_ids is not None:
-            return self.image_logits(prefix, ids, image_ids)
+        With ``image_ids`` (b, N), ``ids`` are the start ids and this is ``image_logits``. With ``target`` (the
+        ids the logits would be scored against, -100 ignored) it returns their mean cross-entropy instead
+        (``loss``), without the logits. Training goes through here, which also works under
+        DistributedDataParallel (it only syncs what goes through forward)."""
+        states = self.image_states(prefix, ids, image_ids) if image_ids is not None else self.states(prefix, ids)
+        return self.logits(states) if target is None else self.loss(states, target)
+
+    def states(self, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """prefix (b, p, d), ids (b, t) -> final-normed hidden states (b, t, d) of the ids' positions."""
         x = torch.cat([prefix, self.embed(ids)], dim=1)
         if x.shape[1] > self.config.max_positions:
             raise ValueError(f"sequence of {x.shape[1]} positions exceeds max_positions={self.config.max_positions}")
-        h = self.llama(inputs_embeds=x, use_cache=False).last_hidden_state
-        return self.lm_head(h[:, prefix.shape[1]:])
+        return self.llama(inputs_embeds=x, use_cache=False).last_hidden_state[:, prefix.shape[1]:]
 
     # ---- fast inference path ----------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32, zipvl: ZipVLOptions | None = None):
@@ -277,6 +346,8 @@ class MMGenTransformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.llama.embed_tokens.weight.numel() + self.lm_head.weight.numel()
+            if self.config.image_head == "bitwise":
+                n -= self.bit_head.weight.numel() + self.bit_head.bias.numel()
         return n
 
 

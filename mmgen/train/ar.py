@@ -53,6 +53,12 @@ def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
         if tokenizer.layout.kind != "grid2d":
             raise ValueError(f"Token-Shuffle needs a 2-D token grid, the tokenizer's layout is {tokenizer.layout.kind}")
         arch["shuffle_grid"] = tuple(tokenizer.layout.grid)
+    if arch.get("image_head") == "bitwise":  # one logit per bit: only where the id is the bit pattern
+        bits = getattr(getattr(tokenizer, "config", None), "bits", None)
+        if tokenizer.type_name != "binary_text" or not bits:
+            raise ValueError(f"image_head: bitwise needs a binary tokenizer (the id is its bit pattern); "
+                             f"this one is {tokenizer.type_name!r}")
+        arch["image_bits"] = int(bits)
     try:
         cfg = ARConfig(**{**asdict(base), **arch, "vocab": vocab.to_dict()})
     except TypeError as e:
@@ -225,21 +231,18 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         unwrapped = acc.unwrap_model(wrapped)
         prefix = unwrapped.prefix(cond.states, cond.mask, drop=drop)
         if shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>
-            logits = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1])
-            target = ids[:, n_start:-1]
+            loss = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1], target=ids[:, n_start:-1])
         else:  # loss on the image tokens and <eoi> only: the start ids (bytes, <boi>) are given
-            logits, target = wrapped(prefix, ids[:, :-1]), ids[:, 1:].clone()
+            target = ids[:, 1:].clone()
             target[:, :n_start - 1] = -100
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+            loss = wrapped(prefix, ids[:, :-1], target=target)
         if see_data is not None:
             see_images, see_captions = next(see_data)
             with torch.no_grad():
                 see_codes = vocab.to_unified("image", tokenizer.encode(see_images.to(acc.device)).cpu())
             see_ids, see_target = caption_sequences(see_codes, see_captions, vocab)
             empty = torch.zeros(len(see_captions), 0, model.config.hidden_size, device=acc.device)
-            see_logits = wrapped(empty, see_ids.to(acc.device))
-            see_loss = F.cross_entropy(see_logits.reshape(-1, see_logits.shape[-1]),
-                                       see_target.to(acc.device).reshape(-1))
+            see_loss = wrapped(empty, see_ids.to(acc.device), target=see_target.to(acc.device))
             loss = loss + see_loss
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
