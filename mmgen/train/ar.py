@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 AR_RECIPE_SECTIONS = {"architecture": None,  # checked by ARConfig
                       "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "cond_dropout", "save_every",
                                    "log_every", "seed", "world", "exclude_combos", "sampling_defaults", "see_batch",
-                                   "image_size"}}
+                                   "image_size", "cache_images"}}
 
 # model settings that carry no weights: a run started with --init may change them (a longer sequence, a larger
 # Token-Shuffle grid for a larger canvas); every other setting must match the model it starts from
@@ -137,6 +137,31 @@ def caption_sequences(image_ids: torch.Tensor, captions: list[str], vocab) -> tu
     return full[:, :-1], target
 
 
+def cached_codes(batches, tokenizer, cache: int, batch: int, seed: int, device, progress: bool = True):
+    """``cache`` images of ``batches`` encoded once, then endless shuffled batches of (local ids (b, N), captions).
+
+    For a tokenizer whose encoder costs as much as the model's step (the binary text tokenizer's 16 pages take
+    about as long to encode as the bitwise model's step on them): each page is encoded once and revisited, at the
+    price of fewer distinct pages. ``batches`` must be seeded by the run's seed alone, so a resumed run rebuilds
+    the same cache; the order of each pass is drawn from ``seed``."""
+    codes, captions = [], []
+    bar = tqdm(total=cache, desc="ar cache (encode)", disable=not progress)
+    while len(captions) < cache:
+        images, caps = next(batches)
+        with torch.no_grad():
+            codes.append(tokenizer.encode(images.to(device)).to(torch.int32).cpu())
+        captions += list(caps)
+        bar.update(len(caps))
+    bar.close()
+    codes, captions = torch.cat(codes)[:cache], captions[:cache]
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(cache, generator=order)
+        for i in range(0, cache - batch + 1, batch):
+            idx = perm[i:i + batch]
+            yield codes[idx].long(), [captions[j] for j in idx.tolist()]
+
+
 def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | None = None, resume: bool = False,
              data: str | None = None, seed: int | None = None, save_every: int | None = None,
              progress: bool = True, max_minutes: float | None = None, init: str | None = None,
@@ -181,11 +206,20 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         log.info("resumed from step %d", step)
     wrapped, opt = acc.prepare(model, opt)
     batch = int(tr.get("batch_size", 16))
+    cache = int(tr.get("cache_images", 0))
+    if cache and cache < batch:
+        raise ValueError(f"training.cache_images ({cache}) must be 0 (fresh images every step) or >= batch_size ({batch})")
     held = [tuple(c) for c in tr.get("exclude_combos", shapes.HELD_OUT_COMBOS)]
-    batches = (folder_batches(data, batch, seed + step, tokenizer.config.image_size, acc.process_index,
+    data_seed = seed if cache else seed + step  # a cache is the same pages after --resume; else fresh ones
+    batches = (folder_batches(data, batch, data_seed, tokenizer.config.image_size, acc.process_index,
                               acc.num_processes) if data
-               else training_batches(tr.get("world", "shapes"), batch, seed + step, tokenizer.config.image_size,
+               else training_batches(tr.get("world", "shapes"), batch, data_seed, tokenizer.config.image_size,
                                      acc.process_index, paraphrase=True, exclude_combos=held, workers=data_workers))
+    if cache:
+        coded = cached_codes(batches, tokenizer, cache, batch, seed + 31 + step + 1009 * acc.process_index,
+                             acc.device, progress and acc.is_main_process)
+    else:
+        coded = ((tokenizer.encode(x.to(acc.device)).cpu(), c) for x, c in batches)
     vocab = model.vocab
     text_bytes = model.config.text_bytes
     boi, eoi = vocab.special("<boi>"), vocab.special("<eoi>")
@@ -214,14 +248,14 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     see_data = caption_batches(see_batch, seed + 100 + step, tokenizer.config.image_size, acc.process_index,
                                held) if see_batch else None
     while step < steps:
-        images, captions = next(batches)
+        with torch.no_grad():
+            codes, captions = next(coded)
         drop = (torch.rand(len(captions), generator=gen) < drop_p).to(acc.device)
         start = torch.full((len(captions), 1), boi)
         if text_bytes:  # quoted text as bytes (dropped with the condition), the encoder reads the rest
             captions, slot, empty = split_prompts(captions, vocab, text_bytes)
             start = torch.cat([torch.where(drop.cpu()[:, None], empty, slot), start], 1)
         with torch.no_grad():
-            codes = tokenizer.encode(images.to(acc.device))
             ids = torch.cat([start, vocab.to_unified("image", codes.cpu()),
                              torch.full((len(captions), 1), eoi)], 1).to(acc.device)
             cond = text(captions)

@@ -157,3 +157,37 @@ def test_cli_renders_the_world_in_workers_for_tokenizer_and_ar_runs_only(tmp_pat
                                                                 "--data", str(tmp_path)]):
         with pytest.raises(SystemExit, match="--data-workers renders the world"):
             main(bad + ["--output", str(tmp_path / "x"), "--data-workers", "2"])
+
+
+def test_ar_cache_encodes_each_page_once_and_revisits_them(tmp_path):
+    """training.cache_images: the cache holds the first N images' codes with their captions, each pass serves
+    every one once in a new order, and a run with it trains, resumes and refuses a cache smaller than a batch."""
+    from mmgen.train.ar import cached_codes, train_ar
+    from tests.conftest import make_debug_tokenizer
+
+    tok = make_debug_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    stream = [(torch.rand(4, 3, 16, 16, generator=g), [f"c{4 * i + k}" for k in range(4)]) for i in range(3)]
+    want = {c: tok.encode(x[k:k + 1])[0] for x, caps in stream for k, c in enumerate(caps)}
+    served = cached_codes(iter(stream), tok, cache=10, batch=3, seed=0, device="cpu", progress=False)
+    passes = [[next(served) for _ in range(3)] for _ in range(2)]  # 10 // 3 = 3 batches a pass
+    for batches in passes:
+        seen = [c for _, caps in batches for c in caps]
+        assert len(set(seen)) == 9 and set(seen) <= {f"c{i}" for i in range(10)}
+        for codes, caps in batches:
+            for row, c in zip(codes, caps):
+                assert torch.equal(row, want[c])
+    assert [c for _, caps in passes[0] for c in caps] != [c for _, caps in passes[1] for c in caps]
+
+    _, ar = _recipes(tmp_path)
+    recipe = yaml.safe_load(ar.read_text())
+    recipe["training"]["cache_images"] = 6
+    ar.write_text(yaml.safe_dump(recipe))
+    tok.save_pretrained(tmp_path / "tok")
+    train_ar(str(ar), str(tmp_path / "tok"), str(tmp_path / "ar"), progress=False)
+    train_ar(str(ar), str(tmp_path / "tok"), str(tmp_path / "ar"), steps=6, resume=True, progress=False)
+    assert json.loads((tmp_path / "ar" / "train_state" / "state.json").read_text())["step"] == 6
+    recipe["training"]["cache_images"] = 1
+    ar.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="cache_images"):
+        train_ar(str(ar), str(tmp_path / "tok"), str(tmp_path / "ar2"), progress=False)
