@@ -11,7 +11,9 @@ pixels the reconstruction puts more than 30 levels (summed over R, G, B) from th
 colour and alignment checks count as ink, so every such pixel is read as ink; by background too.
 ``--crop-probe`` (binary tokenizers) also encodes each page's top-left 64x64 corner alone, as the crop-trained
 recipes train, and compares ``card_off`` there with the same corner encoded inside the whole page: a tokenizer
-that takes the card colour from a crop's border decodes the corner right alone and wrong in the page.
+that takes the card colour from a crop's border decodes the corner right alone and wrong in the page; it
+also reports ``card_top_ids``, per background the ids most used for blank-card tokens (one id shared by two
+card colours leaves the decoder to guess which). ``--per-page`` prints each page's CER for every tokenizer.
 
     .venv/bin/python benchmarks/text_tokenizers.py --tokenizers checkpoints/text_tokenizer runs/vq_text/tokenizer
     .venv/bin/python benchmarks/text_tokenizers.py --quick --tokenizers checkpoints/text_tokenizer   # 5 + 5 scenes
@@ -43,10 +45,29 @@ from mmgen.worlds.text import BACKGROUNDS  # noqa: E402
 OFF_LEVELS = 30  # text_eval's ink threshold: summed |RGB - background| above this is ink
 
 
-def judge_all(images, samples, desc: str) -> dict:
+def judge_all(images, samples, desc: str, pages: list | None = None) -> dict:
+    """text-eval's summary of the pages; ``pages``: a list to which each page's CER is appended."""
     results = [text_eval.judge(im, s.text, s.color, s.background, s.align)
                for im, s in tqdm(list(zip(images, samples)), desc=desc, leave=False)]
+    if pages is not None:
+        pages += [round(r["cer"], 3) for r in results]
     return text_eval.summarize(results, [len(s.lines) for s in samples])
+
+
+@torch.no_grad()
+def card_top_ids(tokenizer, samples, k: int = 3) -> dict:
+    """Per background, the ``k`` ids most used for blank-card tokens, with their share of those tokens."""
+    counts = {}
+    cell = tokenizer.config.downsample
+    for s in samples:
+        ids = tokenizer.encode([s.image])[0].reshape(tokenizer.layout.grid)
+        mask, _ = card_masks(s.image, s.background, cell)
+        flat = torch.from_numpy(mask[::cell, ::cell].copy())
+        c = counts.setdefault(s.background, {})
+        for i in ids[flat].tolist():
+            c[i] = c.get(i, 0) + 1
+    return {bg: [[i, round(n / sum(c.values()), 3)] for i, n in sorted(c.items(), key=lambda kv: -kv[1])[:k]]
+            for bg, c in counts.items()}
 
 
 @torch.no_grad()
@@ -106,6 +127,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="short and long scenes each (default 40, --quick 5)")
     ap.add_argument("--quick", action="store_true", help="5 short and 5 long scenes")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--per-page", action="store_true", help="print every page's CER for each tokenizer")
     ap.add_argument("--crop-probe", action="store_true",
                     help="binary tokenizers: card_off of each page's top-left 64x64 encoded alone vs in the page")
     args = ap.parse_args()
@@ -121,9 +143,10 @@ def main() -> None:
     figures = {"canvas": canvas, "scenes": len(samples), "ceiling_cer": round(ceiling["all"]["cer"], 4),
                "ceiling": ceiling, "tokenizers": {}}
     print(json.dumps({"ceiling": ceiling}), file=sys.stderr)
+    per_page = {}
     for path, tok in toks.items():
         images, sec = reconstruct(tok, samples, args.batch)
-        res = judge_all(images, samples, f"ocr {path}")
+        res = judge_all(images, samples, f"ocr {path}", per_page.setdefault(path, []))
         mse = np.mean([np.mean((np.asarray(a, float) - np.asarray(s.image, float)) ** 2)
                        for a, s in zip(images, samples)])
         row = {"type": tok.type_name, "tokens": tok.layout.num_tokens, "vocab": tok.vocab_size,
@@ -139,8 +162,14 @@ def main() -> None:
         if args.crop_probe and tok.type_name == "binary_text":
             row["card_off_corner_in_page"] = card_off(images, samples, tok.config.downsample, 64)
             row["card_off_corner_alone"] = card_off(corner_alone(tok, samples), samples, tok.config.downsample, 64)
+            row["card_top_ids"] = card_top_ids(tok, samples)
         figures["tokenizers"][path] = row
         print(json.dumps({path: row}), file=sys.stderr)
+    if args.per_page:
+        for i, s in enumerate(samples):
+            print(json.dumps({"page": i, "background": s.background, "color": s.color, "font": s.font,
+                              "size": s.size, "lines": len(s.lines),
+                              "cer": {path: cers[i] for path, cers in per_page.items()}}), file=sys.stderr)
     by_type = {row["type"]: row for row in figures["tokenizers"].values()}
     if "binary_text" in by_type and "vq_image" in by_type:
         figures["binary_beats_vq"] = by_type["binary_text"]["cer"] < by_type["vq_image"]["cer"]
