@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,11 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.token_shuffle import PROMPT, TEXT_BYTES, build  # noqa: E402
+from benchmarks.token_shuffle import PROMPT, TEXT_BYTES, build, train_step  # noqa: E402
 from mmgen.data.shapes_data import text_world_batches  # noqa: E402
 from mmgen.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
 from mmgen.text.encoder import SentenceEncoder  # noqa: E402
-from mmgen.text.quoted import split_prompts  # noqa: E402
 from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextTokenizer  # noqa: E402
 
 HEADS = ("full", "bitwise")
@@ -48,20 +46,9 @@ def step_seconds(models: dict, tokenizer, text, steps: int, batch: int) -> dict:
     for i in range(steps + 1):
         images, captions = next(batches)
         for h, model in models.items():
-            vocab = model.vocab
-            rest, slot, _ = split_prompts(captions, vocab, model.config.text_bytes)  # as the trainer does
-            with torch.no_grad():
-                ids = vocab.to_unified("image", tokenizer.encode(images))
-                cond = text(rest)
-            t0 = time.perf_counter()
-            prefix = model.prefix(cond.states, cond.mask)
-            start = torch.cat([slot, torch.full((len(captions), 1), vocab.special("<boi>"))], 1)
-            loss = model(prefix, start, image_ids=ids, target=ids)
-            opts[h].zero_grad()
-            loss.backward()
-            opts[h].step()
+            sec, _ = train_step(model, opts[h], tokenizer, text, images, captions)
             if i:  # the first step warms up
-                times[h].append(time.perf_counter() - t0)
+                times[h].append(sec)
     for m in models.values():
         m.eval()
     return {h: statistics.median(t) for h, t in times.items()}

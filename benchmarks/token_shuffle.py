@@ -53,30 +53,36 @@ def build(tokenizer, window: int, text_bytes: int, head: str = "full") -> MMGenT
     return MMGenTransformer(cfg)
 
 
+def train_step(model, opt, tokenizer, text, images, captions) -> tuple[float, int]:
+    """One AdamW step of the trainer's loss on a text-world batch -> (seconds, image tokens); the encoders'
+    work (tokenizer, sentence encoder) is left out of the seconds."""
+    vocab = model.vocab
+    rest, slot, _ = split_prompts(captions, vocab, model.config.text_bytes)  # as the trainer does
+    with torch.no_grad():
+        ids = vocab.to_unified("image", tokenizer.encode(images))
+        cond = text(rest)
+    t0 = time.perf_counter()
+    prefix = model.prefix(cond.states, cond.mask)
+    start = torch.cat([slot, torch.full((len(captions), 1), vocab.special("<boi>"))], 1)
+    # the trainer's loss: every image token, through the model's own head (``MMGenTransformer.loss``)
+    loss = model(prefix, start, image_ids=ids, target=ids)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0, ids.numel()
+
+
 def train_speed(model, tokenizer, text, steps: int, batch: int) -> float:
     """Training tokens (image tokens) per second over ``steps`` AdamW steps on text-world batches."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batches = text_world_batches(batch, 0, tokenizer.config.image_size)
-    vocab, boi = model.vocab, model.vocab.special("<boi>")
     model.train()
     seconds, tokens = 0.0, 0
     for i in range(steps + 1):
-        images, captions = next(batches)
-        rest, slot, _ = split_prompts(captions, vocab, model.config.text_bytes)  # as the trainer does
-        with torch.no_grad():
-            ids = vocab.to_unified("image", tokenizer.encode(images))
-            cond = text(rest)
-        t0 = time.perf_counter()
-        prefix = model.prefix(cond.states, cond.mask)
-        start = torch.cat([slot, torch.full((len(captions), 1), boi)], 1)
-        # the trainer's loss: every image token, through the model's own head (``MMGenTransformer.loss``)
-        loss = model(prefix, start, image_ids=ids, target=ids)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        sec, n = train_step(model, opt, tokenizer, text, *next(batches))
         if i:  # the first step warms up
-            seconds += time.perf_counter() - t0
-            tokens += ids.numel()
+            seconds += sec
+            tokens += n
     model.eval()
     return tokens / seconds
 

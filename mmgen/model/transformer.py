@@ -4,7 +4,8 @@ mmgen adds: the unified-vocabulary embedding with a modality embedding on top, a
 the frozen sentence encoder's token states into a fixed-length prefix (padding and dropped conditions use
 a learnt null prefix, which is what classifier-free guidance samples against), and a head over the whole
 vocabulary: one learnt row per id (``image_head: full``), or, over a binary tokenizer whose id is its bit
-pattern, a bitwise head for the image range (``image_head: bitwise``, see ``MMGenTransformer.logits``). Training and reference forwards go through LlamaModel; ``prefill``/``decode_step`` run the same
+pattern, a bitwise head for the image range (``image_head: bitwise``, see ``MMGenTransformer.logits``).
+Training and reference forwards go through LlamaModel; ``prefill``/``decode_step`` run the same
 weights with a preallocated KV cache and no per-step mask building, which is what makes decoding fast on a
 CPU (tests check them against the LlamaModel forward).
 """

@@ -29,7 +29,7 @@ from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
 from mmgen.text.encoder import SentenceEncoder
 from mmgen.text.quoted import split_prompts
 from mmgen.train.common import (MetricsLog, check_sections, cosine_lr, load_train_state, past_time_limit,
-                                 read_yaml, save_train_state, should_resume)
+                                 read_yaml, save_train_state, should_resume, shuffled_passes)
 from mmgen.worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -154,12 +154,8 @@ def cached_codes(batches, tokenizer, cache: int, batch: int, seed: int, device, 
         bar.update(len(caps))
     bar.close()
     codes, captions = torch.cat(codes)[:cache], captions[:cache]
-    order = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(cache, generator=order)
-        for i in range(0, cache - batch + 1, batch):
-            idx = perm[i:i + batch]
-            yield codes[idx].long(), [captions[j] for j in idx.tolist()]
+    for idx in shuffled_passes(cache, batch, seed):
+        yield codes[idx].long(), [captions[j] for j in idx.tolist()]
 
 
 def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | None = None, resume: bool = False,

@@ -158,3 +158,13 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, final_frac: float
         return base * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def shuffled_passes(n: int, batch: int, seed: int):
+    """Endless index batches (batch,) over ``n`` cached items: each pass a fresh permutation drawn from ``seed``,
+    cut into whole batches (a pass's remainder is left out). What the trainers' encode-once caches revisit."""
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=order)
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i:i + batch]

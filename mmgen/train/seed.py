@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mmgen.data.shapes_data import contrastive_batches, world_batches
 from mmgen.train.common import (MetricsLog, cosine_lr, load_train_state, past_time_limit,
-                                 read_yaml, save_train_state, should_resume)
+                                 read_yaml, save_train_state, should_resume, shuffled_passes)
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +243,9 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
         chunks = targets(64)(int(tr.get("seed", 0)) * 7919 + 104729, rank)
         pairs = [next(chunks) for _ in tqdm(range(-(-cache // 64)), desc="seed-decoder cache", disable=not progress)]
         ids, vae_ids = (torch.cat(part)[:cache] for part in zip(*pairs))
-        order = torch.Generator().manual_seed(seed)
-        while True:
-            perm = torch.randperm(cache, generator=order).to(ids.device)
-            for i in range(0, cache - batch + 1, batch):
-                yield ids[perm[i:i + batch]], vae_ids[perm[i:i + batch]]
+        for idx in shuffled_passes(cache, batch, seed):
+            idx = idx.to(ids.device)
+            yield ids[idx], vae_ids[idx]
 
     wrapper = Wrapper(tok)
     run_loop("seed-decoder", wrapper, list(tok.diffusion.parameters()), recipe, out,
