@@ -9,6 +9,9 @@ encode + decode seconds per image. The ceiling is Tesseract on the very images t
 ``card_off``: of the blank card (the tokens whose pixels are all the page's background colour), the share of
 pixels the reconstruction puts more than 30 levels (summed over R, G, B) from that colour: the threshold the
 colour and alignment checks count as ink, so every such pixel is read as ink; by background too.
+``card_texture``: on the same blank card, the mean distance (levels summed over R, G, B) of a reconstructed
+pixel from the card colour: faint block texture below the 30 levels that ``card_off`` counts, which
+Tesseract still reads as letters on a near-empty page.
 ``--crop-probe`` (binary tokenizers) also encodes each page's top-left 64x64 corner alone, as the crop-trained
 recipes train, and compares ``card_off`` there with the same corner encoded inside the whole page: a tokenizer
 that takes the card colour from a crop's border decodes the corner right alone and wrong in the page; it
@@ -19,7 +22,8 @@ card colours leaves the decoder to guess which). ``--per-page`` prints each page
     .venv/bin/python benchmarks/text_tokenizers.py --quick --tokenizers checkpoints/text_tokenizer   # 5 + 5 scenes
 
 Ends with one JSON line: ``ceiling_cer`` and, per tokenizer (by folder), cer / cer_short / cer_long /
-cer_gap / psnr / bits_per_pixel / card_off (and the crop probe's figures), and ``binary_beats_vq`` when one of each type is given.
+cer_gap / psnr / bits_per_pixel / card_off / card_texture (and the crop probe's figures), and ``binary_beats_vq``
+when one of each type is given.
 """
 from __future__ import annotations
 
@@ -95,17 +99,19 @@ def card_masks(original, background: str, cell: int, window: int | None = None) 
     return np.kron(cells, np.ones((cell, cell), dtype=bool)).astype(bool), bg
 
 
-def card_off(images, samples, cell: int, window: int | None = None) -> dict:
-    """Share of blank-card pixels reconstructed off the card colour, over all pages and by background."""
+def card_off(images, samples, cell: int, window: int | None = None, texture: bool = False) -> dict:
+    """Share of blank-card pixels reconstructed off the card colour, over all pages and by background; with
+    ``texture``, their mean distance from it in levels (summed over R, G, B) instead."""
     off, total = {}, {}
     for im, s in zip(images, samples):
         mask, bg = card_masks(s.image, s.background, cell, window)
         r = np.asarray(im, dtype=float)[:mask.shape[0], :mask.shape[1]]
-        bad = (np.abs(r - bg).sum(-1) > OFF_LEVELS) & mask
+        dist = np.abs(r - bg).sum(-1)
+        bad = dist[mask].sum() if texture else int(((dist > OFF_LEVELS) & mask).sum())
         for key in ("all", s.background):
-            off[key] = off.get(key, 0) + int(bad.sum())
+            off[key] = off.get(key, 0) + bad
             total[key] = total.get(key, 0) + int(mask.sum())
-    return {k: round(off[k] / total[k], 4) for k in total if total[k]}
+    return {k: round(float(off[k]) / total[k], 4 if not texture else 2) for k in total if total[k]}
 
 
 @torch.no_grad()
@@ -158,7 +164,8 @@ def main() -> None:
                "psnr": round(float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9))), 2),
                "bits_per_pixel": round(tok.layout.num_tokens * math.log2(tok.vocab_size) / canvas ** 2, 4),
                "seconds_per_image": round(sec, 4),
-               "card_off": card_off(images, samples, tok.config.downsample)}
+               "card_off": card_off(images, samples, tok.config.downsample),
+               "card_texture": card_off(images, samples, tok.config.downsample, texture=True)}
         if args.crop_probe and tok.type_name == "binary_text":
             row["card_off_corner_in_page"] = card_off(images, samples, tok.config.downsample, 64)
             row["card_off_corner_alone"] = card_off(corner_alone(tok, samples), samples, tok.config.downsample, 64)

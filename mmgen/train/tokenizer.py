@@ -48,6 +48,16 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, edge_weight: 
     return (w * (l1_weight * err.abs() + err.pow(2))).sum() / (w.sum() * 3)
 
 
+def gradient_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between the horizontal and vertical pixel differences of ``recon`` and ``target``
+    (the gradient-difference loss of Mathieu et al., 2016). Where the target is flat (blank card) any seam or
+    texture in the reconstruction is penalised linearly: a 5-level step costs 0.02 here and 0.0004 in L2, so
+    faint block texture that L2 leaves alone is pushed out, and glyph edges are asked to be as sharp as drawn."""
+    dx = (recon[..., :, 1:] - recon[..., :, :-1]) - (target[..., :, 1:] - target[..., :, :-1])
+    dy = (recon[..., 1:, :] - recon[..., :-1, :]) - (target[..., 1:, :] - target[..., :-1, :])
+    return 0.5 * (dx.abs().mean() + dy.abs().mean())
+
+
 def check_crop(crop: int, align: int, size: int) -> None:
     if crop % align or not align <= crop <= size:
         raise ValueError(f"training.crop must be a multiple of the downsample {align} between {align} and {size}, "
@@ -80,7 +90,7 @@ def content_crops(x: torch.Tensor, crop: int, align: int, gen: torch.Generator, 
 TOKENIZER_RECIPE_SECTIONS = {"type": None, "architecture": None, "codebook": None,  # checked by the config class
                              "data": {"world"},
                              "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "edge_weight",
-                                          "l1_weight", "crop", "crop_candidates", "restart_every",
+                                          "l1_weight", "gradient_weight", "crop", "crop_candidates", "restart_every",
                                           "unquantized_warmup", "save_every", "log_every", "seed"}}
 
 
@@ -171,6 +181,9 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     from_init = init is not None or bool(extra.get("from_init"))  # a resumed --init run is one still
     edge_w = float(tr.get("edge_weight", 4.0))
     l1_w = float(tr.get("l1_weight", 1.0))
+    grad_w = float(tr.get("gradient_weight", 0.0))  # see gradient_loss
+    if grad_w < 0:
+        raise ValueError(f"training.gradient_weight must be at least 0, got {grad_w}")
     restart_every = int(tr.get("restart_every", 20))
     has_codebook = hasattr(tok.quantizer, "restart_dead_codes")  # the VQ; the binary quantiser has none
     # a codebook warms up unquantised and is then reseeded from the latents; one started from trained weights
@@ -205,7 +218,9 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         else:
             recon, q, z = model(x, quantize=quantize)
         rec = reconstruction_loss(recon, x, edge_w, l1_w)
-        loss = rec + q.loss if quantize else rec
+        grad = gradient_loss(recon, x) if grad_w else None
+        loss = rec + grad_w * grad if grad is not None else rec
+        loss = loss + q.loss if quantize else loss
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
@@ -222,6 +237,8 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
                 psnr = -10 * torch.log10(F.mse_loss(recon.clamp(0, 1), x))
             row = dict(loss=loss.item(), rec=rec.item(), vq=q.loss.item(), psnr=psnr.item(),
                        perplexity=q.perplexity.item(), lr=opt.param_groups[0]["lr"])
+            if grad is not None:
+                row["grad"] = grad.item()
             if restarted is not None:
                 row["restarted"] = restarted
             metrics.log(step, minutes0, **row)

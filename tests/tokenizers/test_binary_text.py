@@ -232,3 +232,29 @@ def test_a_tokenizer_on_a_larger_canvas_keeps_its_codec_and_maps_positions_to_th
     assert tok.at_image_size(64) is tok
     with pytest.raises(ValueError, match="multiple"):
         tok.at_image_size(100)
+
+
+def test_gradient_loss_sees_faint_texture_that_l2_barely_does(tmp_path):
+    from mmgen.train.tokenizer import gradient_loss, reconstruction_loss, train_tokenizer
+
+    card = torch.full((1, 3, 32, 32), 0.9)
+    assert gradient_loss(card, card).item() == 0.0
+    shifted = card + 0.1  # a flat card one shade off: no texture, so no gradient difference
+    assert gradient_loss(shifted, card).item() == pytest.approx(0.0, abs=1e-6)
+    checker = (torch.arange(32)[:, None] // 4 + torch.arange(32)[None, :] // 4) % 2  # 4x4 cells
+    textured = card + 0.02 * checker.float()  # 5 levels of block texture
+    g = gradient_loss(textured, card).item()
+    l2 = reconstruction_loss(textured, card, edge_weight=0.0, l1_weight=0.0).item()
+    assert g == pytest.approx(0.02 * (8 - 1) / 31, rel=1e-4)  # 7 cell seams of 31 differences per row, each 0.02
+    assert g > 10 * l2
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(yaml.safe_dump({"type": "binary_text", "architecture": {"size": "debug"},
+                                      "data": {"world": "text"},
+                                      "training": {"steps": 2, "batch_size": 2, "warmup": 1, "log_every": 1,
+                                                   "crop": 32, "gradient_weight": 0.5}}))
+    train_tokenizer(str(recipe), str(tmp_path / "g"), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad"] > 0 for r in rows)
+    recipe.write_text(recipe.read_text().replace("gradient_weight: 0.5", "gradient_weight: -1"))
+    with pytest.raises(ValueError, match="gradient_weight"):
+        train_tokenizer(str(recipe), str(tmp_path / "bad"), progress=False)

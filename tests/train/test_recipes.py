@@ -80,7 +80,7 @@ def test_a_second_stage_recipe_keeps_the_architecture_it_starts_from():
     """tokenizers/binary_text_stage2.yaml continues a binary_text.yaml run (--init): the same network."""
     first = yaml.safe_load((ROOT / "tokenizers" / "binary_text.yaml").read_text())
     for later in ("binary_text_stage2.yaml", "binary_text_stage3.yaml", "binary_text_pages.yaml",
-                  "binary_text_pages_lowent.yaml"):
+                  "binary_text_pages_lowent.yaml", "binary_text_pages_flat.yaml"):
         second = yaml.safe_load((ROOT / "tokenizers" / later).read_text())
         assert first["type"] == second["type"] and first["architecture"] == second["architecture"], later
 
