@@ -3,10 +3,13 @@
 Runs shapes-eval (canonical captions) for a small grid of sampling options on scenes drawn with seed
 777000 (the reported evaluation uses mmgen/eval/shapes_run.EVAL_SEED), one JSON line per setting. With
 ``--world text`` it runs text-eval (OCR CER, colour and alignment checks) on n short and n long text scenes
-drawn with seed 950001 (the reported ones use mmgen/eval/text_run.TEXT_EVAL_SEED, 900201).
+drawn with seed 950001 (the reported ones use mmgen/eval/text_run.TEXT_EVAL_SEED, 900201). With
+``--decoder`` (a SEED checkpoint) it tunes the diffusion decoder instead: shapes-eval of reconstructions
+(tokens -> decoder) of the tuning scenes for a grid of guidance scales and sampler steps.
 
     .venv/bin/python benchmarks/tune_sampling.py --checkpoint runs/shapes_ar_ts2/pipeline --n 16
     .venv/bin/python benchmarks/tune_sampling.py --world text --checkpoint runs/text_ar_ts4/pipeline --n 4
+    .venv/bin/python benchmarks/tune_sampling.py --decoder --checkpoint checkpoints/seed --n 16
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ GRID = (
     dict(guidance_scale=3.0, top_k=0, temperature=1.0),
     dict(guidance_scale=2.0, top_k=5, temperature=0.7),
 )
+DECODER_GRID = tuple(dict(guidance_scale=g, steps=25) for g in (2.0, 3.0, 5.0, 7.5)) + (
+    dict(guidance_scale=5.0, steps=50),)
 
 
 def main(argv=None) -> list[dict]:
@@ -47,11 +52,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--world", choices=("shapes", "text"), default="shapes")
     ap.add_argument("--n", type=int, default=16, help="prompts per object count; text: short and long scenes "
                                                      "each (default 16)")
+    ap.add_argument("--decoder", action="store_true",
+                    help="tune a SEED checkpoint's diffusion decoder on reconstructions (guidance_scale, steps)")
     ap.add_argument("--grid", help='JSON list of option sets instead of the built-in grid, e.g. '
                                    '\'[{"guidance_scale": 1.5, "top_k": 1}]\'')
     args = ap.parse_args(argv)
-    grid = json.loads(args.grid) if args.grid else (TEXT_GRID if args.world == "text" else GRID)
+    if args.decoder and args.world == "text":
+        ap.error("--decoder tunes a SEED decoder on the shapes world; leave out --world text")
+    grid = json.loads(args.grid) if args.grid else (
+        DECODER_GRID if args.decoder else TEXT_GRID if args.world == "text" else GRID)
     pipe = TextToImagePipeline.from_pretrained(args.checkpoint)
+    if args.decoder:
+        return tune_decoder(pipe.tokenizer, grid, args.n)
     if args.world == "text":
         return tune_text(pipe, grid, args.n)
     scenes = shapes_run.eval_scenes("canonical", args.n, seed=TUNING_SEED)
@@ -64,6 +76,19 @@ def main(argv=None) -> list[dict]:
             images += pipe([s.caption for s in chunk], generator=torch.Generator().manual_seed(i), **options).images
         res = shapes_eval.score(images, [(s.objects, s.background) for s in scenes])
         row = {"options": options, "score": round(res["score"], 4), "by_objects": res["by_objects"],
+               "errors": res["errors"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def tune_decoder(tokenizer, grid, n: int) -> list[dict]:
+    if not getattr(tokenizer, "decode_needs_generator", False):
+        raise SystemExit("error: --decoder needs a checkpoint with a diffusion decoder (SEED)")
+    rows = []
+    for kw in grid:
+        res = shapes_run.evaluate_reconstruction(tokenizer, n=n, seed=TUNING_SEED, batch=16, **kw)
+        row = {"options": kw, "score": round(res["score"], 4), "by_objects": res["by_objects"],
                "errors": res["errors"]}
         rows.append(row)
         print(json.dumps(row), flush=True)

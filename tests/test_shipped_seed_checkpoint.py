@@ -61,3 +61,17 @@ def test_draws_deterministic_64px_images(text_encoder):
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     img = np.asarray(a.images[0]).astype(float)
     assert img[..., 0].max() > 150  # something red-ish is drawn on the black background
+
+
+def test_the_decoder_tuning_grid_reaches_the_diffusion_sampler(seer):
+    """benchmarks/tune_sampling.py --decoder: each grid entry's steps and guidance reach the decoder, so two
+    settings reconstruct the same scenes differently; a decoder without diffusion refuses them."""
+    from mmgen.eval.shapes_run import evaluate_reconstruction
+    from mmgen.pipelines.text_to_image import load_tokenizer
+
+    one = evaluate_reconstruction(seer.tokenizer, n=1, batch=3, steps=2, guidance_scale=1.0)
+    again = evaluate_reconstruction(seer.tokenizer, n=1, batch=3, steps=2, guidance_scale=1.0)
+    other = evaluate_reconstruction(seer.tokenizer, n=1, batch=3, steps=3, guidance_scale=5.0)
+    assert one["psnr"] == again["psnr"] and one["psnr"] != other["psnr"]
+    with pytest.raises(ValueError, match="diffusion decoder"):
+        evaluate_reconstruction(load_tokenizer(ROOT / "checkpoints" / "shapes" / "tokenizer"), n=1, steps=2)

@@ -56,8 +56,9 @@ def _summary(images, samples) -> dict:
 
 @torch.no_grad()
 def evaluate_reconstruction(tokenizer, n: int = 100, seed: int = EVAL_SEED, batch: int = 50,
-                            progress: bool = False) -> dict:
-    """Encode -> decode world images and judge them against their own attributes (n per object count)."""
+                            progress: bool = False, **decode_options) -> dict:
+    """Encode -> decode world images and judge them against their own attributes (n per object count).
+    ``decode_options`` go to a diffusion decoder's ``decode`` (SEED: ``steps``, ``guidance_scale``)."""
     from mmgen.tokenizers.vq_image import tensor_to_images
 
     samples = eval_scenes("canonical", n, seed, tokenizer.config.image_size)
@@ -65,8 +66,10 @@ def evaluate_reconstruction(tokenizer, n: int = 100, seed: int = EVAL_SEED, batc
     gen = torch.Generator().manual_seed(seed)  # a diffusion decoder (SEED) draws seeded noise
     for chunk in tqdm(list(_batched(samples, batch)), disable=not progress, desc="reconstruct"):
         ids = tokenizer.encode([s.image for s in chunk])
-        pixels = (tokenizer.decode(ids, generator=gen) if getattr(tokenizer, "decode_needs_generator", False)
-                  else tokenizer.decode(ids))
+        diffusion = getattr(tokenizer, "decode_needs_generator", False)
+        if decode_options and not diffusion:
+            raise ValueError(f"decode options {sorted(decode_options)} need a diffusion decoder (SEED)")
+        pixels = tokenizer.decode(ids, generator=gen, **decode_options) if diffusion else tokenizer.decode(ids)
         images.extend(tensor_to_images(pixels))
     res = _summary(images, samples)
     import numpy as np
