@@ -338,7 +338,8 @@ def cmd_caption(args) -> int:
     images = [im.resize((size, size), Image.BICUBIC) if im.size != (size, size) else im for im in images]
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(images), args.batch_size):
-        out = pipe(images[start:start + args.batch_size], temperature=args.temperature, generator=gen)
+        out = pipe(images[start:start + args.batch_size], temperature=args.temperature, generator=gen,
+                   beams=args.beams)
         for name, caption in zip(args.images[start:start + args.batch_size], out.captions):
             caption = "".join(c if c.isprintable() else "\ufffd" for c in caption)  # one line per image
             print(f"{name}\t{caption}" if args.with_names else caption)
@@ -429,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "docs/seed.md builds one)")
     cp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0 samples")
     cp.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
+    cp.add_argument("--beams", type=int, default=1,
+                    help="1 (default): greedy; N > 1: the most likely caption by beam search over N hypotheses")
     cp.add_argument("--batch-size", type=int, default=32, help="images per forward batch (default 32)")
     cp.add_argument("--resize", action="store_true", help="scale images of another size to the checkpoint's")
     cp.add_argument("--with-names", action="store_true", help="print FILE<TAB>caption")

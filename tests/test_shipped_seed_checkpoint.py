@@ -75,3 +75,39 @@ def test_the_decoder_tuning_grid_reaches_the_diffusion_sampler(seer):
     assert one["psnr"] == again["psnr"] and one["psnr"] != other["psnr"]
     with pytest.raises(ValueError, match="diffusion decoder"):
         evaluate_reconstruction(load_tokenizer(ROOT / "checkpoints" / "shapes" / "tokenizer"), n=1, steps=2)
+
+
+def test_beam_search_captions_score_what_a_fresh_forward_scores(seer):
+    """beams=1 is greedy decoding exactly; with 4 beams each caption's log-probability (bytes and <eot>, over
+    the allowed ids) equals the one recomputed from scratch, prefix by prefix, so the reordered KV cache
+    holds each hypothesis' own keys; bad settings are refused."""
+    from mmgen.sampling.ar import beam_search_text
+
+    images = [s.image for s in caption_scenes(1, seed=123)]
+    greedy = seer(images).captions
+    assert seer(images, beams=1).captions == greedy
+    model, vocab = seer.model, seer.model.vocab
+    ids = vocab.to_unified("image", seer.tokenizer.encode(images))
+    special = torch.tensor([vocab.special("<eoi>"), vocab.special("<bot>")])
+    start = torch.cat([torch.full((len(images), 1), vocab.special("<boi>")), ids, special.expand(len(images), -1)], 1)
+    texts, scores, record = beam_search_text(model, start, 200, beams=4)
+    assert texts == seer(images, beams=4).captions and record.sampler == "ar-text-beam4"
+    lo, hi = vocab.range("byte")
+    eot = vocab.special("<eot>")
+    d = model.config.hidden_size
+    for row, text, score in zip(start, texts, scores):
+        follow = [lo + c for c in text.encode("utf-8")] + [eot]
+        seq, total = row.tolist(), 0.0
+        for tok in follow:
+            cache = model.new_cache(1, len(seq) + 1)
+            logits = model.prefill(torch.zeros(1, 0, d), torch.tensor([seq]), cache)[0]
+            allowed = torch.full_like(logits, float("-inf"))
+            allowed[lo:hi] = 0.0
+            allowed[eot] = 0.0
+            total += torch.log_softmax(logits + allowed, -1)[tok].item()
+            seq.append(tok)
+        assert total == pytest.approx(score.item(), abs=1e-3), text
+    with pytest.raises(ValueError, match="beams"):
+        seer(images, beams=0)
+    with pytest.raises(ValueError, match="not both"):
+        seer(images, beams=2, temperature=0.7)

@@ -15,7 +15,7 @@ import torch
 
 from mmgen.model.transformer import MMGenTransformer
 from mmgen.pipelines.text_to_image import load_tokenizer, read_index
-from mmgen.sampling.ar import SamplingOptions, sample_text
+from mmgen.sampling.ar import SamplingOptions, beam_search_text, sample_text
 from mmgen.tokenizers.base import CheckpointError
 from mmgen.tokenizers.vq_image import images_to_tensor
 
@@ -54,8 +54,10 @@ class ImageToTextPipeline:
 
     @torch.no_grad()
     def __call__(self, images, temperature: float | None = None, top_k: int | None = None,
-                 generator: torch.Generator | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> CaptionOutput:
-        """One caption per image. Greedy by default; ``temperature`` > 0 samples (seed it with ``generator``)."""
+                 generator: torch.Generator | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 beams: int = 1) -> CaptionOutput:
+        """One caption per image. Greedy by default; ``beams`` > 1: the most likely caption by beam search
+        (``sampling.ar.beam_search_text``); ``temperature`` > 0 samples instead (seed it with ``generator``)."""
         x = images_to_tensor(images)
         if x.shape[0] == 0:
             raise ValueError("give at least one image")
@@ -69,11 +71,19 @@ class ImageToTextPipeline:
         special = torch.tensor([vocab.special("<eoi>"), vocab.special("<bot>")])
         start = torch.cat([torch.full((b, 1), vocab.special("<boi>")), ids, special.expand(b, -1)], 1)
         greedy = temperature is None or temperature == 0
+        if not isinstance(beams, int) or not 1 <= beams <= 16:
+            raise ValueError(f"beams must be an integer in [1, 16], got {beams!r}")
+        if beams > 1 and not greedy:
+            raise ValueError("beam search finds the most likely caption; it does not sample: give beams or a "
+                             "temperature, not both")
         opts = SamplingOptions(guidance_scale=1.0, temperature=1.0 if greedy else float(temperature),
                                top_k=top_k or 0)
         need = start.shape[1] + max_bytes + 1
         if need > self.model.config.max_positions:
             raise ValueError(f"{max_bytes} caption bytes exceed what the model holds "
                              f"({self.model.config.max_positions} positions)")
-        captions, record = sample_text(self.model, start, max_bytes, opts, generator, greedy=greedy)
+        if beams > 1:
+            captions, _, record = beam_search_text(self.model, start, max_bytes, beams)
+        else:
+            captions, record = sample_text(self.model, start, max_bytes, opts, generator, greedy=greedy)
         return CaptionOutput(captions, record.to_dict())

@@ -234,3 +234,64 @@ def sample_text(model, start_ids: torch.Tensor, max_bytes: int, options: Samplin
     record = SamplingRecord("ar-text", b, written // max(b, 1), steps, seconds, written / max(seconds, 1e-9), cache.nbytes,
                             1.0, None)
     return texts, record
+
+
+@torch.no_grad()
+def beam_search_text(model, start_ids: torch.Tensor, max_bytes: int, beams: int = 4
+                     ) -> tuple[list[str], torch.Tensor, SamplingRecord]:
+    """The most likely UTF-8 text after ``start_ids`` (b, s) by beam search over byte tokens: ``beams``
+    hypotheses per row, ranked by the summed log-probability of their bytes and ``<eot>`` (a caption's
+    probability, no length penalty). Greedy byte decoding commits to a first byte by the mass of every word
+    that starts with it ("s" for "square" and "star" together), which can outweigh the single most likely
+    word; the beam keeps the alternatives until the word is written. ``beams=1`` is greedy decoding exactly.
+    Stops when every row's ``beams`` best hypotheses have ended (no open one can still overtake them: log
+    probabilities only fall) or after ``max_bytes``. Returns (texts, their log-probabilities (b,), record)."""
+    if not isinstance(beams, int) or not 1 <= beams <= 16:
+        raise ValueError(f"beams must be an integer in [1, 16], got {beams!r}")
+    vocab = model.vocab
+    lo, hi = vocab.range("byte")
+    eot = vocab.special("<eot>")
+    b, k = start_ids.shape[0], beams
+    t0 = time.perf_counter()
+    rows = start_ids.repeat_interleave(k, 0)  # (b*k, s): row i*k+j is hypothesis j of input i
+    cache = model.new_cache(b * k, start_ids.shape[1] + max_bytes + 1)
+    logits = model.prefill(torch.zeros(b * k, 0, model.config.hidden_size, device=rows.device), rows, cache)
+    v = logits.shape[-1]
+    allowed = torch.full((v,), float("-inf"), device=logits.device)
+    allowed[lo:hi] = 0.0
+    allowed[eot] = 0.0
+    ended_row = torch.full((v,), float("-inf"), device=logits.device)  # an ended hypothesis only repeats <eot>
+    ended_row[eot] = 0.0
+    scores = torch.full((b, k), float("-inf"), device=logits.device)
+    scores[:, 0] = 0.0  # the k copies start as one hypothesis
+    out = torch.full((b * k, max_bytes), eot, dtype=torch.long)
+    done = torch.zeros(b * k, dtype=torch.bool, device=logits.device)
+    base = (torch.arange(b, device=logits.device) * k)[:, None]
+    steps = 0
+    for i in range(max_bytes):
+        logp = torch.log_softmax(logits.float() + allowed, -1)
+        logp = torch.where(done[:, None], ended_row, logp)
+        cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)
+        scores, idx = cand.topk(k, -1)
+        src = (base + idx // v).view(-1)  # the hypothesis each new one extends
+        tok = (idx % v).view(-1)
+        out = out[src.cpu()]
+        out[:, i] = tok.cpu()
+        done = done[src] | (tok == eot)
+        steps += 1
+        if bool(done.all()):
+            break
+        n = cache.length
+        cache.keys[:, :, :, :n] = cache.keys[:, src, :, :n]
+        cache.values[:, :, :, :n] = cache.values[:, src, :, :n]
+        logits = model.decode_step(tok, cache)
+    best = scores.argmax(-1)
+    texts = []
+    for row in out[(base[:, 0] + best).cpu()].tolist():
+        row = row[:row.index(eot)] if eot in row else row
+        texts.append(bytes(t - lo for t in row).decode("utf-8", errors="replace"))
+    seconds = time.perf_counter() - t0
+    written = sum(len(t.encode("utf-8", errors="replace")) for t in texts)
+    record = SamplingRecord(f"ar-text-beam{k}", b, written // max(b, 1), steps, seconds,
+                            written / max(seconds, 1e-9), cache.nbytes, 1.0, None)
+    return texts, scores.gather(1, best[:, None])[:, 0], record
