@@ -77,7 +77,7 @@ def test_the_decoder_tuning_grid_reaches_the_diffusion_sampler(seer):
         evaluate_reconstruction(load_tokenizer(ROOT / "checkpoints" / "shapes" / "tokenizer"), n=1, steps=2)
 
 
-def test_beam_search_captions_score_what_a_fresh_forward_scores(seer):
+def test_beam_search_captions_score_what_a_fresh_forward_scores(seer, monkeypatch):
     """beams=1 is greedy decoding exactly; with 4 beams each caption's log-probability (bytes and <eot>, over
     the allowed ids) equals the one recomputed from scratch, prefix by prefix, so the reordered KV cache
     holds each hypothesis' own keys; bad settings are refused."""
@@ -107,6 +107,10 @@ def test_beam_search_captions_score_what_a_fresh_forward_scores(seer):
             total += torch.log_softmax(logits + allowed, -1)[tok].item()
             seq.append(tok)
         assert total == pytest.approx(score.item(), abs=1e-3), text
+    import mmgen.pipelines.image_to_text as itt
+    monkeypatch.setattr(itt, "BEAM_ROWS", 8)  # 2 images of 4 beams per cache: the same captions in chunks
+    chunked = seer(images, beams=4)
+    assert chunked.captions == texts and chunked.record["batch"] == len(images)
     with pytest.raises(ValueError, match="beams"):
         seer(images, beams=0)
     with pytest.raises(ValueError, match="not both"):

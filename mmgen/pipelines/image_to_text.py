@@ -21,6 +21,7 @@ from mmgen.tokenizers.vq_image import images_to_tensor
 
 MAX_IMAGES_PER_CALL = 256
 DEFAULT_MAX_BYTES = 240
+BEAM_ROWS = 512  # beam search: images x beams per KV cache (about 2.5 MB a row for the shipped SEED model)
 
 
 @dataclass
@@ -58,6 +59,12 @@ class ImageToTextPipeline:
                  beams: int = 1) -> CaptionOutput:
         """One caption per image. Greedy by default; ``beams`` > 1: the most likely caption by beam search
         (``sampling.ar.beam_search_text``); ``temperature`` > 0 samples instead (seed it with ``generator``)."""
+        greedy = temperature is None or temperature == 0
+        if not isinstance(beams, int) or not 1 <= beams <= 16:
+            raise ValueError(f"beams must be an integer in [1, 16], got {beams!r}")
+        if beams > 1 and not greedy:
+            raise ValueError("beam search finds the most likely caption; it does not sample: give beams or a "
+                             "temperature, not both")
         x = images_to_tensor(images)
         if x.shape[0] == 0:
             raise ValueError("give at least one image")
@@ -70,20 +77,22 @@ class ImageToTextPipeline:
         b = ids.shape[0]
         special = torch.tensor([vocab.special("<eoi>"), vocab.special("<bot>")])
         start = torch.cat([torch.full((b, 1), vocab.special("<boi>")), ids, special.expand(b, -1)], 1)
-        greedy = temperature is None or temperature == 0
-        if not isinstance(beams, int) or not 1 <= beams <= 16:
-            raise ValueError(f"beams must be an integer in [1, 16], got {beams!r}")
-        if beams > 1 and not greedy:
-            raise ValueError("beam search finds the most likely caption; it does not sample: give beams or a "
-                             "temperature, not both")
         opts = SamplingOptions(guidance_scale=1.0, temperature=1.0 if greedy else float(temperature),
                                top_k=top_k or 0)
         need = start.shape[1] + max_bytes + 1
         if need > self.model.config.max_positions:
             raise ValueError(f"{max_bytes} caption bytes exceed what the model holds "
                              f"({self.model.config.max_positions} positions)")
-        if beams > 1:
-            captions, _, record = beam_search_text(self.model, start, max_bytes, beams)
+        if beams > 1:  # at most BEAM_ROWS hypotheses in one KV cache
+            captions, records = [], []
+            step = max(1, BEAM_ROWS // beams)
+            for i in range(0, b, step):
+                texts, _, rec = beam_search_text(self.model, start[i:i + step], max_bytes, beams)
+                captions += texts
+                records.append(rec)
+            record = records[0]
+            record.batch, record.seconds = b, sum(r.seconds for r in records)
+            record.forward_passes = sum(r.forward_passes for r in records)
         else:
             captions, record = sample_text(self.model, start, max_bytes, opts, generator, greedy=greedy)
         return CaptionOutput(captions, record.to_dict())
