@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -95,8 +96,6 @@ def main(argv=None) -> list[dict]:
 
 
 def tune_captions(checkpoint: str, grid, n: int) -> list[dict]:
-    import time
-
     from mmgen.eval.caption import evaluate_captions
     from mmgen.pipelines.image_to_text import ImageToTextPipeline
 

@@ -87,9 +87,7 @@ def test_beam_search_captions_score_what_a_fresh_forward_scores(seer, monkeypatc
     greedy = seer(images).captions
     assert seer(images, beams=1).captions == greedy
     model, vocab = seer.model, seer.model.vocab
-    ids = vocab.to_unified("image", seer.tokenizer.encode(images))
-    special = torch.tensor([vocab.special("<eoi>"), vocab.special("<bot>")])
-    start = torch.cat([torch.full((len(images), 1), vocab.special("<boi>")), ids, special.expand(len(images), -1)], 1)
+    start = seer.start_ids(images)
     texts, scores, record = beam_search_text(model, start, 200, beams=4)
     assert texts == seer(images, beams=4).captions and record.sampler == "ar-text-beam4"
     lo, hi = vocab.range("byte")

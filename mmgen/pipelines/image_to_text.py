@@ -15,7 +15,7 @@ import torch
 
 from mmgen.model.transformer import MMGenTransformer
 from mmgen.pipelines.text_to_image import load_tokenizer, read_index
-from mmgen.sampling.ar import SamplingOptions, beam_search_text, sample_text
+from mmgen.sampling.ar import SamplingOptions, beam_search_text, check_beams, sample_text
 from mmgen.tokenizers.base import CheckpointError
 from mmgen.tokenizers.vq_image import images_to_tensor
 
@@ -54,14 +54,22 @@ class ImageToTextPipeline:
                    MMGenTransformer.from_pretrained(directory / index["model"]), index.get("tasks", ["draw"]))
 
     @torch.no_grad()
+    def start_ids(self, images) -> torch.Tensor:
+        """Images -> the rows a caption is written after: ``<boi>`` image ids ``<eoi> <bot>`` (b, s)."""
+        vocab = self.model.vocab
+        ids = vocab.to_unified("image", self.tokenizer.encode(images))
+        b = ids.shape[0]
+        special = torch.tensor([vocab.special("<eoi>"), vocab.special("<bot>")])
+        return torch.cat([torch.full((b, 1), vocab.special("<boi>")), ids, special.expand(b, -1)], 1)
+
+    @torch.no_grad()
     def __call__(self, images, temperature: float | None = None, top_k: int | None = None,
                  generator: torch.Generator | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  beams: int = 1) -> CaptionOutput:
         """One caption per image. Greedy by default; ``beams`` > 1: the most likely caption by beam search
         (``sampling.ar.beam_search_text``); ``temperature`` > 0 samples instead (seed it with ``generator``)."""
         greedy = temperature is None or temperature == 0
-        if not isinstance(beams, int) or not 1 <= beams <= 16:
-            raise ValueError(f"beams must be an integer in [1, 16], got {beams!r}")
+        check_beams(beams)
         if beams > 1 and not greedy:
             raise ValueError("beam search finds the most likely caption; it does not sample: give beams or a "
                              "temperature, not both")
@@ -72,11 +80,8 @@ class ImageToTextPipeline:
             raise ValueError(f"at most {MAX_IMAGES_PER_CALL} images per call, got {x.shape[0]}")
         if not isinstance(max_bytes, int) or not 1 <= max_bytes <= 1024:
             raise ValueError(f"max_bytes must be an integer in [1, 1024], got {max_bytes!r}")
-        vocab = self.model.vocab
-        ids = vocab.to_unified("image", self.tokenizer.encode(x))
-        b = ids.shape[0]
-        special = torch.tensor([vocab.special("<eoi>"), vocab.special("<bot>")])
-        start = torch.cat([torch.full((b, 1), vocab.special("<boi>")), ids, special.expand(b, -1)], 1)
+        start = self.start_ids(x)
+        b = start.shape[0]
         opts = SamplingOptions(guidance_scale=1.0, temperature=1.0 if greedy else float(temperature),
                                top_k=top_k or 0)
         need = start.shape[1] + max_bytes + 1

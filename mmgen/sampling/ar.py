@@ -236,6 +236,11 @@ def sample_text(model, start_ids: torch.Tensor, max_bytes: int, options: Samplin
     return texts, record
 
 
+def check_beams(beams) -> None:
+    if not isinstance(beams, int) or not 1 <= beams <= 16:
+        raise ValueError(f"beams must be an integer in [1, 16], got {beams!r}")
+
+
 @torch.no_grad()
 def beam_search_text(model, start_ids: torch.Tensor, max_bytes: int, beams: int = 4
                      ) -> tuple[list[str], torch.Tensor, SamplingRecord]:
@@ -246,8 +251,7 @@ def beam_search_text(model, start_ids: torch.Tensor, max_bytes: int, beams: int 
     word; the beam keeps the alternatives until the word is written. ``beams=1`` is greedy decoding exactly.
     Stops when every row's ``beams`` best hypotheses have ended (no open one can still overtake them: log
     probabilities only fall) or after ``max_bytes``. Returns (texts, their log-probabilities (b,), record)."""
-    if not isinstance(beams, int) or not 1 <= beams <= 16:
-        raise ValueError(f"beams must be an integer in [1, 16], got {beams!r}")
+    check_beams(beams)
     vocab = model.vocab
     lo, hi = vocab.range("byte")
     eot = vocab.special("<eot>")
