@@ -133,8 +133,8 @@ def cmd_image(args) -> int:
 
 
 def cmd_train(args) -> int:
-    if args.init and args.what not in ("tokenizer", "ar"):
-        raise SystemExit(f"error: --init starts a tokenizer or AR run from trained weights; mmgen train "
+    if args.init and args.what not in ("tokenizer", "ar", "seed-decoder"):
+        raise SystemExit(f"error: --init starts a tokenizer, AR or seed-decoder run from trained weights; mmgen train "
                          f"{args.what} does not take it (--resume continues a run)")
     if args.data_workers and (args.what not in ("tokenizer", "ar") or args.data):
         raise SystemExit("error: --data-workers renders the world for mmgen train tokenizer or ar "
@@ -166,7 +166,8 @@ def cmd_train(args) -> int:
                 raise SystemExit("error: mmgen train seed-decoder needs --tokenizer DIR (SEED) and --vae DIR "
                                  "(the image autoencoder whose latents it diffuses)")
             path = seed_train.train_seed_decoder(args.recipe, args.tokenizer, args.vae, args.output,
-                                                 steps=args.steps, resume=args.resume, max_minutes=args.max_minutes)
+                                                 steps=args.steps, resume=args.resume, max_minutes=args.max_minutes,
+                                                 init=args.init)
         print(path)
         return 0
     if args.what == "tokenizer":
@@ -416,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "cannot feed (default 0: in the training process)")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "
-                    "checkpoints/text_tokenizer; (ar) from this pipeline's model weights, e.g. a 256x256 run for "
+                    "checkpoints/text_tokenizer; (seed-decoder) from this SEED tokenizer's decoder, e.g. "
+                    "checkpoints/seed/tokenizer; (ar) from this pipeline's model weights, e.g. a 256x256 run for "
                     "recipes/text_ar_512_ts4.yaml (fresh optimizer and schedule; the recipe must match it)")
     tr.set_defaults(func=cmd_train)
 

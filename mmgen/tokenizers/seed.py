@@ -74,6 +74,9 @@ class SEEDConfig:
     sample_steps: int = 25
     guidance_scale: float = 3.0
     cond_drop: float = 0.1
+    # what the UNet predicts: "v" (v-prediction on the latents, MSE) or "codes" (logits over the VAE codebook
+    # at each latent position, cross-entropy; the x0 estimate is the expected code vector; SEEDDiffusionDecoder)
+    decoder_target: str = "v"
 
 
 SEED_CONFIGS = {
@@ -306,32 +309,53 @@ class CodeDecoder(nn.Module):
 class SEEDDiffusionDecoder(nn.Module):
     """diffusers UNet2DConditionModel over the VAE's latent grid, cross-attending to the SEED condition
     (the reconstructed causal embeddings plus the projected generation embedding); classifier-free guidance
-    against a learnt null condition."""
+    against a learnt null condition.
 
-    def __init__(self, c: SEEDConfig, latent_channels: int, latent_size: int):
+    Two parameterisations (``SEEDConfig.decoder_target``):
+    - ``"v"``: the UNet predicts the velocity of the noisy latent (MSE), the usual latent-diffusion choice;
+    - ``"codes"``: the UNet predicts, at each latent position, logits over the VAE's ``K`` code vectors
+      (cross-entropy on the clean latent's code ids). The clean-latent estimate DDIM needs is the expected
+      code vector under those logits (guidance is applied to the logits), and the last step takes each
+      position's most likely code, so the sample is a valid VAE code grid. This is the categorical x0
+      parameterisation of continuous diffusion over embeddings (CDCD, arXiv 2211.15089, "score interpolation");
+      mmgen uses it because the VAE latents *are* a discrete code grid, where a regressed latent averages
+      the codes it is unsure of and snaps to a blob. The noise process and the DDIM sampler are unchanged.
+    """
+
+    def __init__(self, c: SEEDConfig, latent_channels: int, latent_size: int, num_codes: int | None = None):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
+        if c.decoder_target not in ("v", "codes"):
+            raise ValueError(f"decoder_target must be 'v' or 'codes', got {c.decoder_target!r}")
+        if c.decoder_target == "codes" and not num_codes:
+            raise ValueError("decoder_target 'codes' needs the VAE's codebook size")
+        codes = c.decoder_target == "codes"
         ch = tuple(c.unet_channels)
         self.unet = UNet2DConditionModel(
-            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+            sample_size=latent_size, in_channels=latent_channels, out_channels=num_codes if codes else latent_channels,
             layers_per_block=1, block_out_channels=ch,
             down_block_types=("CrossAttnDownBlock2D",) * (len(ch) - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(ch) - 1),
-            cross_attention_dim=c.width, attention_head_dim=c.unet_heads, norm_num_groups=min(16, ch[0]))
+            cross_attention_dim=c.width, attention_head_dim=c.unet_heads, norm_num_groups=min(16, ch[0]),
+            conv_out_kernel=1 if codes else 3)  # K logits a position: a 1x1 head keeps the cost of K outputs low
         self.gen_proj = nn.Linear(c.embed_dim, c.width)
         self.null = nn.Parameter(torch.randn(c.num_queries + 1, c.width) * 0.02)
         self.c = c
 
     def scheduler_config(self) -> dict:
+        pred = "sample" if self.c.decoder_target == "codes" else "v_prediction"
         return dict(num_train_timesteps=self.c.train_timesteps, beta_schedule="squaredcos_cap_v2",
-                    prediction_type="v_prediction", clip_sample=False)
+                    prediction_type=pred, clip_sample=False)
 
     def condition(self, recon: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
         return torch.cat([recon, self.gen_proj(gen)[:, None]], 1)
 
-    def loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """v-prediction loss on VAE latents (b, c, h, w) (already scaled); drops ``cond_drop`` of the conditions."""
+    def loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
+             code_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion loss on VAE latents (b, c, h, w) (already scaled); drops ``cond_drop`` of the conditions.
+        "v": MSE on the velocity; "codes": cross-entropy of the logits against ``code_ids`` (b, h, w), the
+        latents' code ids."""
         from diffusers import DDPMScheduler
 
         sched = DDPMScheduler(**self.scheduler_config())
@@ -342,14 +366,23 @@ class SEEDDiffusionDecoder(nn.Module):
         cond = torch.where(drop[:, None, None], self.null.expand(b, -1, -1), cond)
         noisy = sched.add_noise(latents, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
+        if self.c.decoder_target == "codes":
+            if code_ids is None:
+                raise ValueError("the 'codes' decoder learns from the latents' code ids")
+            return F.cross_entropy(pred, code_ids)  # (b, K, h, w) against (b, h, w)
         return F.mse_loss(pred, sched.get_velocity(latents, noise, t))
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, shape: tuple, generator: torch.Generator | None = None,
-               steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
-        """Deterministic DDIM (eta 0) from seeded noise -> latents (b, c, h, w) (scaled)."""
+               steps: int | None = None, guidance_scale: float | None = None,
+               code_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic DDIM (eta 0) from seeded noise -> latents (b, c, h, w) (scaled). The "codes" decoder
+        needs ``code_vectors`` (K, c), the scaled VAE codebook, and returns code vectors exactly."""
         from diffusers import DDIMScheduler
 
+        codes = self.c.decoder_target == "codes"
+        if codes and code_vectors is None:
+            raise ValueError("the 'codes' decoder samples over the VAE's code vectors")
         steps = steps or self.c.sample_steps
         g = self.c.guidance_scale if guidance_scale is None else guidance_scale
         sched = DDIMScheduler(**self.scheduler_config())
@@ -362,12 +395,17 @@ class SEEDDiffusionDecoder(nn.Module):
         else:
             x = torch.randn((b, *shape), generator=generator, device=cond.device)
         both = torch.cat([cond, self.null.expand(b, -1, -1)]) if g != 1.0 else cond
-        for t in sched.timesteps:
+        for i, t in enumerate(sched.timesteps):
             inp = torch.cat([x, x]) if g != 1.0 else x
             out = self.unet(inp, t, encoder_hidden_states=both).sample
             if g != 1.0:
                 c_out, u_out = out.chunk(2)
                 out = u_out + g * (c_out - u_out)
+            if codes:  # logits (b, K, h, w) -> the clean-latent estimate
+                if i == len(sched.timesteps) - 1:  # the last step lands on the most likely codes
+                    out = rearrange(code_vectors[out.argmax(1)], "b h w c -> b c h w")
+                else:
+                    out = torch.einsum("bkhw,kc->bchw", out.softmax(1), code_vectors)
             x = sched.step(out, t, x).prev_sample
         return x
 
@@ -410,7 +448,7 @@ class SEEDTokenizer(Tokenizer):
             if vae is None:
                 raise ValueError("the diffusion decoder needs the VAE whose latents it denoises")
             g = vae.layout.grid
-            self.diffusion = SEEDDiffusionDecoder(config, vae.config.code_dim, g[0])
+            self.diffusion = SEEDDiffusionDecoder(config, vae.config.code_dim, g[0], vae.config.codebook_size)
 
     CAPTION_LOSSES = ("align", "itg", "slots")
 
@@ -526,7 +564,7 @@ class SEEDTokenizer(Tokenizer):
         with torch.no_grad():
             recon, gen = self.embed_ids(ids)
             latents = self.vae.quantizer.embed(vae_ids) * self.config.latent_scale
-        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen), generator)
+        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen), generator, vae_ids)
 
     def decoder_loss(self, images, generator: torch.Generator | None = None) -> torch.Tensor:
         """The diffusion decoder's loss on images (tokenizer and VAE frozen)."""
@@ -543,7 +581,8 @@ class SEEDTokenizer(Tokenizer):
         recon, gen = self.embed_ids(ids)
         cond = self.diffusion.condition(recon, gen)
         g = self.vae.layout.grid
-        lat = self.diffusion.sample(cond, (self.vae.config.code_dim, g[0], g[1]), generator, steps, guidance_scale)
+        lat = self.diffusion.sample(cond, (self.vae.config.code_dim, g[0], g[1]), generator, steps, guidance_scale,
+                                    self.vae.quantizer.codebook() * self.config.latent_scale)
         q = self.vae.quantizer(lat / self.config.latent_scale)
         return ((self.vae.decoder(q.quantized) + 1) / 2).clamp(0, 1)
 

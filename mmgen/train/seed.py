@@ -200,8 +200,13 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
 
 
 def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, output: str, steps: int | None = None,
-                       resume: bool = False, progress: bool = True, max_minutes: float | None = None) -> Path:
-    """The latent-diffusion decoder on the frozen SEED tokenizer and VAE; writes a complete SEED tokenizer."""
+                       resume: bool = False, progress: bool = True, max_minutes: float | None = None,
+                       init: str | None = None) -> Path:
+    """The latent-diffusion decoder on the frozen SEED tokenizer and VAE; writes a complete SEED tokenizer.
+
+    ``init``: a SEED tokenizer folder with a trained decoder to start from (fresh optimizer and schedule). Its
+    UNet must have the recipe's shape except the output layer, which is started afresh when the recipe
+    changes what the UNet predicts (``decoder_target``): a "codes" decoder can start from a "v" one's body."""
     from mmgen.tokenizers.seed import SEEDTokenizer
     from mmgen.tokenizers.vq_image import VQImageTokenizer
 
@@ -215,6 +220,8 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
         setattr(base.config, k, tuple(v) if isinstance(v, list) else v)
     tok = SEEDTokenizer(base.config, base.clip, VQImageTokenizer.from_pretrained(vae_dir), with_decoder=True)
     tok.load_state_dict({**tok.state_dict(), **base._own_state()})
+    if init:
+        init_decoder(tok, init)
     for n, p in tok.named_parameters():
         p.requires_grad_(n.startswith("diffusion."))
     batch = int(tr.get("batch_size", 32))
@@ -240,7 +247,7 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
 
     def cached(seed, rank):
         """``cache_images`` scenes encoded once (the same ones after a resume), then shuffled batches of them."""
-        chunks = targets(64)(int(tr.get("seed", 0)) * 7919 + 104729, rank)
+        chunks = targets(64)(int(tr.get("cache_seed", int(tr.get("seed", 0)) * 7919 + 104729)), rank)
         pairs = [next(chunks) for _ in tqdm(range(-(-cache // 64)), desc="seed-decoder cache", disable=not progress)]
         ids, vae_ids = (torch.cat(part)[:cache] for part in zip(*pairs))
         for idx in shuffled_passes(cache, batch, seed):
@@ -252,3 +259,25 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
              cached if cache else targets(batch), loss_fn,
              lambda m: m.t.save_pretrained(out / "tokenizer"), steps, resume, progress, max_minutes=max_minutes)
     return out / "tokenizer"
+
+
+def init_decoder(tok, init_dir: str) -> None:
+    """Copy a trained SEED decoder (UNet, condition projection, null condition) into ``tok``'s decoder. Only
+    the UNet's output layer may differ in shape (a "codes" decoder started from a "v" one): it keeps its
+    fresh initialisation. Any other difference is an error naming the weights."""
+    from mmgen.tokenizers.base import CheckpointError
+    from mmgen.tokenizers.seed import SEEDTokenizer
+
+    src = SEEDTokenizer.from_pretrained(init_dir)
+    if src.diffusion is None:
+        raise CheckpointError(f"{init_dir} has no trained diffusion decoder to start from")
+    mine, theirs = tok.diffusion.state_dict(), src.diffusion.state_dict()
+    if set(mine) != set(theirs):
+        raise ValueError(f"the decoder in {init_dir} has other weights than the recipe's: "
+                         f"{sorted(set(mine) ^ set(theirs))[:5]}")
+    fresh = [k for k in mine if mine[k].shape != theirs[k].shape]
+    if any(not k.startswith("unet.conv_out.") for k in fresh):
+        raise ValueError(f"the decoder in {init_dir} differs from the recipe's in {fresh[:5]}; only the output "
+                         "layer may (decoder_target)")
+    tok.diffusion.load_state_dict({k: mine[k] if k in fresh else theirs[k].float() for k in mine})
+    log.info("decoder started from %s%s", init_dir, f" (fresh output layer: {fresh})" if fresh else "")
