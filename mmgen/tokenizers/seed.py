@@ -48,6 +48,7 @@ from mmgen.tokenizers.base import (CheckpointError, TokenLayout, Tokenizer, load
 from mmgen.tokenizers.clip_shapes import ShapesCLIP, contrastive
 from mmgen.tokenizers.quantizers import VectorQuantizer
 from mmgen.tokenizers.vq_image import VQImageTokenizer, images_to_tensor, tensor_to_images
+from mmgen.worlds import shapes as _world
 
 
 @dataclass
@@ -77,6 +78,9 @@ class SEEDConfig:
     # what the UNet predicts: "v" (v-prediction on the latents, MSE) or "codes" (logits over the VAE codebook
     # at each latent position, cross-entropy; the x0 estimate is the expected code vector; SEEDDiffusionDecoder)
     decoder_target: str = "v"
+    # the decoder also cross-attends to what the tokenizer's caption-slot head reads from the rebuilt embeddings
+    # (per object its colour / shape / size / cell distributions, and the background's): SEEDDiffusionDecoder
+    decoder_slots: bool = False
 
 
 SEED_CONFIGS = {
@@ -205,10 +209,8 @@ class CaptionSlots(nn.Module):
 
     def __init__(self, c: SEEDConfig):
         super().__init__()
-        from mmgen.worlds import shapes
-
-        self.colors, self.shapes, self.sizes = list(shapes.COLORS), list(shapes.SHAPES), list(shapes.SIZES)
-        self.backgrounds = list(shapes.BACKGROUNDS)
+        self.colors, self.shapes, self.sizes = list(_world.COLORS), list(_world.SHAPES), list(_world.SIZES)
+        self.backgrounds = list(_world.BACKGROUNDS)
         self.queries = nn.Parameter(torch.randn(4, c.width) * 0.02)
         self.attn = nn.MultiheadAttention(c.width, c.heads, batch_first=True)
         self.ln = nn.LayerNorm(c.width)
@@ -244,6 +246,16 @@ class CaptionSlots(nn.Module):
         h = self.ln(self.attn(self.queries.expand(emb.shape[0], -1, -1), emb, emb, need_weights=False)[0])
         sizes = [len(self.colors) + 1, len(self.shapes) + 1, len(self.sizes) + 1, 10]
         return self.obj_head(h[:, :3]).split(sizes, dim=-1), self.bg_head(h[:, 3])
+
+    # one object's colour, shape and size distributions (each with "none") and its cell's (nine cells, "none")
+    OBJECT_PROBS = (len(_world.COLORS) + 1) + (len(_world.SHAPES) + 1) + (len(_world.SIZES) + 1) + 10
+    BACKGROUND_PROBS = len(_world.BACKGROUNDS)
+
+    def probabilities(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal embeddings -> (per object slot its concatenated colour, shape, size and cell distributions
+        (b, 3, OBJECT_PROBS), the background distribution (b, BACKGROUND_PROBS))."""
+        parts, bg = self.logits(emb)
+        return torch.cat([p.softmax(-1) for p in parts], -1), bg.softmax(-1)
 
     def forward(self, emb: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (loss, share of slots right)."""
@@ -320,6 +332,14 @@ class SEEDDiffusionDecoder(nn.Module):
       parameterisation of continuous diffusion over embeddings (CDCD, arXiv 2211.15089, "score interpolation");
       mmgen uses it because the VAE latents *are* a discrete code grid, where a regressed latent averages
       the codes it is unsure of and snaps to a blob. The noise process and the DDIM sampler are unchanged.
+
+    With ``decoder_slots`` the condition gains four tokens: what the tokenizer's own caption-slot head reads
+    from the rebuilt embeddings (``CaptionSlots.probabilities``: one token per object slot from its colour,
+    shape, size and cell distributions, one from the background's), each through a learnt linear map. The
+    decoder still sees nothing but the 32 ids; the slot head (frozen with the tokenizer) hands it the reading
+    of them that the tokenizer was trained to make, one token per object, where the 32 causal embeddings
+    spread it over all of them. SEED's decoder has no such input: its unCLIP-SD decoder reads the generation
+    embedding alone.
     """
 
     def __init__(self, c: SEEDConfig, latent_channels: int, latent_size: int, num_codes: int | None = None):
@@ -341,15 +361,32 @@ class SEEDDiffusionDecoder(nn.Module):
             conv_out_kernel=1 if codes else 3)  # K logits a position: a 1x1 head keeps the cost of K outputs low
         self.gen_proj = nn.Linear(c.embed_dim, c.width)
         self.null = nn.Parameter(torch.randn(c.num_queries + 1, c.width) * 0.02)
+        if c.decoder_slots:
+            self.slot_proj = nn.Linear(CaptionSlots.OBJECT_PROBS, c.width)
+            self.background_proj = nn.Linear(CaptionSlots.BACKGROUND_PROBS, c.width)
+            self.null_slots = nn.Parameter(torch.randn(4, c.width) * 0.02)
         self.c = c
+
+    @property
+    def null_condition(self) -> torch.Tensor:
+        return torch.cat([self.null, self.null_slots]) if self.c.decoder_slots else self.null
 
     def scheduler_config(self) -> dict:
         pred = "sample" if self.c.decoder_target == "codes" else "v_prediction"
         return dict(num_train_timesteps=self.c.train_timesteps, beta_schedule="squaredcos_cap_v2",
                     prediction_type=pred, clip_sample=False)
 
-    def condition(self, recon: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
-        return torch.cat([recon, self.gen_proj(gen)[:, None]], 1)
+    def condition(self, recon: torch.Tensor, gen: torch.Tensor,
+                  slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """-> (b, tokens, width): the rebuilt causal embeddings, the generation embedding and, with
+        ``decoder_slots``, the slot head's (object (b, 3, OBJECT_PROBS), background (b, BACKGROUND_PROBS))."""
+        parts = [recon, self.gen_proj(gen)[:, None]]
+        if self.c.decoder_slots:
+            if slots is None:
+                raise ValueError("this decoder reads the caption-slot head's probabilities (decoder_slots)")
+            objects, background = slots
+            parts += [self.slot_proj(objects), self.background_proj(background)[:, None]]
+        return torch.cat(parts, 1)
 
     def loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
              code_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,7 +400,7 @@ class SEEDDiffusionDecoder(nn.Module):
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         t = torch.randint(0, self.c.train_timesteps, (b,), generator=generator, device=latents.device)
         drop = torch.rand(b, generator=generator, device=latents.device) < self.c.cond_drop
-        cond = torch.where(drop[:, None, None], self.null.expand(b, -1, -1), cond)
+        cond = torch.where(drop[:, None, None], self.null_condition.expand(b, -1, -1), cond)
         noisy = sched.add_noise(latents, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
         if self.c.decoder_target == "codes":
@@ -394,7 +431,7 @@ class SEEDDiffusionDecoder(nn.Module):
             x = torch.stack([torch.randn(shape, generator=g) for g in generator]).to(cond.device)
         else:
             x = torch.randn((b, *shape), generator=generator, device=cond.device)
-        both = torch.cat([cond, self.null.expand(b, -1, -1)]) if g != 1.0 else cond
+        both = torch.cat([cond, self.null_condition.expand(b, -1, -1)]) if g != 1.0 else cond
         for i, t in enumerate(sched.timesteps):
             inp = torch.cat([x, x]) if g != 1.0 else x
             out = self.unet(inp, t, encoder_hidden_states=both).sample
@@ -563,8 +600,9 @@ class SEEDTokenizer(Tokenizer):
         """The diffusion decoder's loss on ``decoder_targets`` (tokenizer and VAE frozen)."""
         with torch.no_grad():
             recon, gen = self.embed_ids(ids)
+            slots = self.caption_slots.probabilities(recon) if self.config.decoder_slots else None
             latents = self.vae.quantizer.embed(vae_ids) * self.config.latent_scale
-        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen), generator, vae_ids)
+        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen, slots), generator, vae_ids)
 
     def decoder_loss(self, images, generator: torch.Generator | None = None) -> torch.Tensor:
         """The diffusion decoder's loss on images (tokenizer and VAE frozen)."""
@@ -579,7 +617,8 @@ class SEEDTokenizer(Tokenizer):
         if self.diffusion is None:
             raise CheckpointError("this SEED tokenizer has no trained diffusion decoder (train seed-decoder)")
         recon, gen = self.embed_ids(ids)
-        cond = self.diffusion.condition(recon, gen)
+        slots = self.caption_slots.probabilities(recon) if self.config.decoder_slots else None
+        cond = self.diffusion.condition(recon, gen, slots)
         g = self.vae.layout.grid
         lat = self.diffusion.sample(cond, (self.vae.config.code_dim, g[0], g[1]), generator, steps, guidance_scale,
                                     self.vae.quantizer.codebook() * self.config.latent_scale)

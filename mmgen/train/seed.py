@@ -262,9 +262,10 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
 
 
 def init_decoder(tok, init_dir: str) -> None:
-    """Copy a trained SEED decoder (UNet, condition projection, null condition) into ``tok``'s decoder. Only
-    the UNet's output layer may differ in shape (a "codes" decoder started from a "v" one): it keeps its
-    fresh initialisation. Any other difference is an error naming the weights."""
+    """Copy a trained SEED decoder (UNet, condition projection, null condition) into ``tok``'s decoder. The
+    recipe may change two things, whose weights then keep their fresh initialisation: what the UNet predicts
+    (``decoder_target``: only the output layer differs) and the slot tokens (``decoder_slots``: their
+    projections and null tokens are new). Any other difference is an error naming the weights."""
     from mmgen.tokenizers.base import CheckpointError
     from mmgen.tokenizers.seed import SEEDTokenizer
 
@@ -272,12 +273,13 @@ def init_decoder(tok, init_dir: str) -> None:
     if src.diffusion is None:
         raise CheckpointError(f"{init_dir} has no trained diffusion decoder to start from")
     mine, theirs = tok.diffusion.state_dict(), src.diffusion.state_dict()
-    if set(mine) != set(theirs):
-        raise ValueError(f"the decoder in {init_dir} has other weights than the recipe's: "
-                         f"{sorted(set(mine) ^ set(theirs))[:5]}")
-    fresh = [k for k in mine if mine[k].shape != theirs[k].shape]
-    if any(not k.startswith("unet.conv_out.") for k in fresh):
+    slot_keys = ("slot_proj.", "background_proj.", "null_slots")
+    unknown = sorted(k for k in set(mine) ^ set(theirs) if not k.startswith(slot_keys))
+    if unknown:
+        raise ValueError(f"the decoder in {init_dir} has other weights than the recipe's: {unknown[:5]}")
+    fresh = [k for k in mine if k not in theirs or mine[k].shape != theirs[k].shape]
+    if any(k in theirs and not k.startswith("unet.conv_out.") for k in fresh):
         raise ValueError(f"the decoder in {init_dir} differs from the recipe's in {fresh[:5]}; only the output "
                          "layer may (decoder_target)")
     tok.diffusion.load_state_dict({k: mine[k] if k in fresh else theirs[k].float() for k in mine})
-    log.info("decoder started from %s%s", init_dir, f" (fresh output layer: {fresh})" if fresh else "")
+    log.info("decoder started from %s%s", init_dir, f" (fresh: {fresh})" if fresh else "")

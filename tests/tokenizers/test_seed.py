@@ -458,3 +458,42 @@ def test_codes_decoder_starts_from_a_v_decoder(tmp_path, batch):
     trained = SEEDTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
     assert trained.config.decoder_target == "codes"
     assert trained.decode(trained.encode(batch[0][:1]), torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
+
+
+def test_slot_conditioned_decoder_reads_the_slot_head(tmp_path, batch):
+    """``decoder_slots``: the condition gains the slot head's four tokens (three objects, the background), built
+    from the distributions the tokenizer's caption-slot head reads off the rebuilt embeddings; it starts from a
+    plain decoder with everything else copied, and saves and loads with its new weights."""
+    from mmgen.train.seed import init_decoder
+
+    torch.manual_seed(3)
+    cfg = SEEDConfig(**{**SEED_CONFIGS["debug"].__dict__, "decoder_slots": True})
+    tok = SEEDTokenizer(cfg, ShapesCLIP(CLIP_CONFIGS["debug"]), debug_vae(), with_decoder=True).eval()
+    x, _ = batch
+    ids = tok.encode(x[:2])
+    recon, gen = tok.embed_ids(ids)
+    objects, background = tok.caption_slots.probabilities(recon)
+    assert objects.shape == (2, 3, tok.caption_slots.OBJECT_PROBS) and background.shape == (2, 3)
+    # each object's four distributions sum to one apiece
+    torch.testing.assert_close(objects.sum(-1), torch.full((2, 3), 4.0))
+    cond = tok.diffusion.condition(recon, gen, (objects, background))
+    assert cond.shape == (2, cfg.num_queries + 1 + 4, cfg.width)
+    assert tok.diffusion.null_condition.shape == cond.shape[1:]
+    with pytest.raises(ValueError, match="decoder_slots"):
+        tok.diffusion.condition(recon, gen)
+    # the slot tokens change what the decoder paints: other slot readings, other latents from the same noise
+    lat = lambda c: tok.diffusion.sample(c, (tok.vae.config.code_dim, *tok.vae.layout.grid),  # noqa: E731
+                                         torch.Generator().manual_seed(0), steps=2, guidance_scale=1.0)
+    flipped = tok.diffusion.condition(recon, gen, (objects.flip(-1), background.flip(-1)))
+    assert not torch.allclose(lat(cond), lat(flipped))
+    plain = debug_seed(seed=1)
+    plain.save_pretrained(tmp_path / "plain")
+    init_decoder(tok, str(tmp_path / "plain"))
+    for name, p in plain.diffusion.state_dict().items():
+        torch.testing.assert_close(tok.diffusion.state_dict()[name], p, msg=name)
+    a = tok.decode(ids, torch.Generator().manual_seed(1))
+    tok.save_pretrained(tmp_path / "slots")
+    again = SEEDTokenizer.from_pretrained(tmp_path / "slots")
+    assert again.config.decoder_slots
+    torch.testing.assert_close(again.decode(ids, torch.Generator().manual_seed(1)), a)
+    assert torch.isfinite(tok.decoder_loss_from_ids(*tok.decoder_targets(x[:2]))).all()
