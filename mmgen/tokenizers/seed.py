@@ -48,7 +48,6 @@ from mmgen.tokenizers.base import (CheckpointError, TokenLayout, Tokenizer, load
 from mmgen.tokenizers.clip_shapes import ShapesCLIP, contrastive
 from mmgen.tokenizers.quantizers import VectorQuantizer
 from mmgen.tokenizers.vq_image import VQImageTokenizer, images_to_tensor, tensor_to_images
-from mmgen.worlds import shapes as _world
 
 
 @dataclass
@@ -75,12 +74,6 @@ class SEEDConfig:
     sample_steps: int = 25
     guidance_scale: float = 3.0
     cond_drop: float = 0.1
-    # what the UNet predicts: "v" (v-prediction on the latents, MSE) or "codes" (logits over the VAE codebook
-    # at each latent position, cross-entropy; the x0 estimate is the expected code vector; SEEDDiffusionDecoder)
-    decoder_target: str = "v"
-    # the decoder also cross-attends to what the tokenizer's caption-slot head reads from the rebuilt embeddings
-    # (per object its colour / shape / size / cell distributions, and the background's): SEEDDiffusionDecoder
-    decoder_slots: bool = False
 
 
 SEED_CONFIGS = {
@@ -209,8 +202,10 @@ class CaptionSlots(nn.Module):
 
     def __init__(self, c: SEEDConfig):
         super().__init__()
-        self.colors, self.shapes, self.sizes = list(_world.COLORS), list(_world.SHAPES), list(_world.SIZES)
-        self.backgrounds = list(_world.BACKGROUNDS)
+        from mmgen.worlds import shapes
+
+        self.colors, self.shapes, self.sizes = list(shapes.COLORS), list(shapes.SHAPES), list(shapes.SIZES)
+        self.backgrounds = list(shapes.BACKGROUNDS)
         self.queries = nn.Parameter(torch.randn(4, c.width) * 0.02)
         self.attn = nn.MultiheadAttention(c.width, c.heads, batch_first=True)
         self.ln = nn.LayerNorm(c.width)
@@ -246,16 +241,6 @@ class CaptionSlots(nn.Module):
         h = self.ln(self.attn(self.queries.expand(emb.shape[0], -1, -1), emb, emb, need_weights=False)[0])
         sizes = [len(self.colors) + 1, len(self.shapes) + 1, len(self.sizes) + 1, 10]
         return self.obj_head(h[:, :3]).split(sizes, dim=-1), self.bg_head(h[:, 3])
-
-    # one object's colour, shape and size distributions (each with "none") and its cell's (nine cells, "none")
-    OBJECT_PROBS = (len(_world.COLORS) + 1) + (len(_world.SHAPES) + 1) + (len(_world.SIZES) + 1) + 10
-    BACKGROUND_PROBS = len(_world.BACKGROUNDS)
-
-    def probabilities(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal embeddings -> (per object slot its concatenated colour, shape, size and cell distributions
-        (b, 3, OBJECT_PROBS), the background distribution (b, BACKGROUND_PROBS))."""
-        parts, bg = self.logits(emb)
-        return torch.cat([p.softmax(-1) for p in parts], -1), bg.softmax(-1)
 
     def forward(self, emb: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (loss, share of slots right)."""
@@ -321,78 +306,32 @@ class CodeDecoder(nn.Module):
 class SEEDDiffusionDecoder(nn.Module):
     """diffusers UNet2DConditionModel over the VAE's latent grid, cross-attending to the SEED condition
     (the reconstructed causal embeddings plus the projected generation embedding); classifier-free guidance
-    against a learnt null condition.
+    against a learnt null condition."""
 
-    Two parameterisations (``SEEDConfig.decoder_target``):
-    - ``"v"``: the UNet predicts the velocity of the noisy latent (MSE), the usual latent-diffusion choice;
-    - ``"codes"``: the UNet predicts, at each latent position, logits over the VAE's ``K`` code vectors
-      (cross-entropy on the clean latent's code ids). The clean-latent estimate DDIM needs is the expected
-      code vector under those logits (guidance is applied to the logits), and the last step takes each
-      position's most likely code, so the sample is a valid VAE code grid. This is the categorical x0
-      parameterisation of continuous diffusion over embeddings (CDCD, arXiv 2211.15089, "score interpolation");
-      mmgen uses it because the VAE latents *are* a discrete code grid, where a regressed latent averages
-      the codes it is unsure of and snaps to a blob. The noise process and the DDIM sampler are unchanged.
-
-    With ``decoder_slots`` the condition gains four tokens: what the tokenizer's own caption-slot head reads
-    from the rebuilt embeddings (``CaptionSlots.probabilities``: one token per object slot from its colour,
-    shape, size and cell distributions, one from the background's), each through a learnt linear map. The
-    decoder still sees nothing but the 32 ids; the slot head (frozen with the tokenizer) hands it the reading
-    of them that the tokenizer was trained to make, one token per object, where the 32 causal embeddings
-    spread it over all of them. SEED's decoder has no such input: its unCLIP-SD decoder reads the generation
-    embedding alone.
-    """
-
-    def __init__(self, c: SEEDConfig, latent_channels: int, latent_size: int, num_codes: int | None = None):
+    def __init__(self, c: SEEDConfig, latent_channels: int, latent_size: int):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        if c.decoder_target not in ("v", "codes"):
-            raise ValueError(f"decoder_target must be 'v' or 'codes', got {c.decoder_target!r}")
-        if c.decoder_target == "codes" and not num_codes:
-            raise ValueError("decoder_target 'codes' needs the VAE's codebook size")
-        codes = c.decoder_target == "codes"
         ch = tuple(c.unet_channels)
         self.unet = UNet2DConditionModel(
-            sample_size=latent_size, in_channels=latent_channels, out_channels=num_codes if codes else latent_channels,
+            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
             layers_per_block=1, block_out_channels=ch,
             down_block_types=("CrossAttnDownBlock2D",) * (len(ch) - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(ch) - 1),
-            cross_attention_dim=c.width, attention_head_dim=c.unet_heads, norm_num_groups=min(16, ch[0]),
-            conv_out_kernel=1 if codes else 3)  # K logits a position: a 1x1 head keeps the cost of K outputs low
+            cross_attention_dim=c.width, attention_head_dim=c.unet_heads, norm_num_groups=min(16, ch[0]))
         self.gen_proj = nn.Linear(c.embed_dim, c.width)
         self.null = nn.Parameter(torch.randn(c.num_queries + 1, c.width) * 0.02)
-        if c.decoder_slots:
-            self.slot_proj = nn.Linear(CaptionSlots.OBJECT_PROBS, c.width)
-            self.background_proj = nn.Linear(CaptionSlots.BACKGROUND_PROBS, c.width)
-            self.null_slots = nn.Parameter(torch.randn(4, c.width) * 0.02)
         self.c = c
 
-    @property
-    def null_condition(self) -> torch.Tensor:
-        return torch.cat([self.null, self.null_slots]) if self.c.decoder_slots else self.null
-
     def scheduler_config(self) -> dict:
-        pred = "sample" if self.c.decoder_target == "codes" else "v_prediction"
         return dict(num_train_timesteps=self.c.train_timesteps, beta_schedule="squaredcos_cap_v2",
-                    prediction_type=pred, clip_sample=False)
+                    prediction_type="v_prediction", clip_sample=False)
 
-    def condition(self, recon: torch.Tensor, gen: torch.Tensor,
-                  slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """-> (b, tokens, width): the rebuilt causal embeddings, the generation embedding and, with
-        ``decoder_slots``, the slot head's (object (b, 3, OBJECT_PROBS), background (b, BACKGROUND_PROBS))."""
-        parts = [recon, self.gen_proj(gen)[:, None]]
-        if self.c.decoder_slots:
-            if slots is None:
-                raise ValueError("this decoder reads the caption-slot head's probabilities (decoder_slots)")
-            objects, background = slots
-            parts += [self.slot_proj(objects), self.background_proj(background)[:, None]]
-        return torch.cat(parts, 1)
+    def condition(self, recon: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
+        return torch.cat([recon, self.gen_proj(gen)[:, None]], 1)
 
-    def loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
-             code_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Diffusion loss on VAE latents (b, c, h, w) (already scaled); drops ``cond_drop`` of the conditions.
-        "v": MSE on the velocity; "codes": cross-entropy of the logits against ``code_ids`` (b, h, w), the
-        latents' code ids."""
+    def loss(self, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """v-prediction loss on VAE latents (b, c, h, w) (already scaled); drops ``cond_drop`` of the conditions."""
         from diffusers import DDPMScheduler
 
         sched = DDPMScheduler(**self.scheduler_config())
@@ -400,26 +339,17 @@ class SEEDDiffusionDecoder(nn.Module):
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         t = torch.randint(0, self.c.train_timesteps, (b,), generator=generator, device=latents.device)
         drop = torch.rand(b, generator=generator, device=latents.device) < self.c.cond_drop
-        cond = torch.where(drop[:, None, None], self.null_condition.expand(b, -1, -1), cond)
+        cond = torch.where(drop[:, None, None], self.null.expand(b, -1, -1), cond)
         noisy = sched.add_noise(latents, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
-        if self.c.decoder_target == "codes":
-            if code_ids is None:
-                raise ValueError("the 'codes' decoder learns from the latents' code ids")
-            return F.cross_entropy(pred, code_ids)  # (b, K, h, w) against (b, h, w)
         return F.mse_loss(pred, sched.get_velocity(latents, noise, t))
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, shape: tuple, generator: torch.Generator | None = None,
-               steps: int | None = None, guidance_scale: float | None = None,
-               code_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """Deterministic DDIM (eta 0) from seeded noise -> latents (b, c, h, w) (scaled). The "codes" decoder
-        needs ``code_vectors`` (K, c), the scaled VAE codebook, and returns code vectors exactly."""
+               steps: int | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+        """Deterministic DDIM (eta 0) from seeded noise -> latents (b, c, h, w) (scaled)."""
         from diffusers import DDIMScheduler
 
-        codes = self.c.decoder_target == "codes"
-        if codes and code_vectors is None:
-            raise ValueError("the 'codes' decoder samples over the VAE's code vectors")
         steps = steps or self.c.sample_steps
         g = self.c.guidance_scale if guidance_scale is None else guidance_scale
         sched = DDIMScheduler(**self.scheduler_config())
@@ -431,18 +361,13 @@ class SEEDDiffusionDecoder(nn.Module):
             x = torch.stack([torch.randn(shape, generator=g) for g in generator]).to(cond.device)
         else:
             x = torch.randn((b, *shape), generator=generator, device=cond.device)
-        both = torch.cat([cond, self.null_condition.expand(b, -1, -1)]) if g != 1.0 else cond
-        for i, t in enumerate(sched.timesteps):
+        both = torch.cat([cond, self.null.expand(b, -1, -1)]) if g != 1.0 else cond
+        for t in sched.timesteps:
             inp = torch.cat([x, x]) if g != 1.0 else x
             out = self.unet(inp, t, encoder_hidden_states=both).sample
             if g != 1.0:
                 c_out, u_out = out.chunk(2)
                 out = u_out + g * (c_out - u_out)
-            if codes:  # logits (b, K, h, w) -> the clean-latent estimate
-                if i == len(sched.timesteps) - 1:  # the last step lands on the most likely codes
-                    out = rearrange(code_vectors[out.argmax(1)], "b h w c -> b c h w")
-                else:
-                    out = torch.einsum("bkhw,kc->bchw", out.softmax(1), code_vectors)
             x = sched.step(out, t, x).prev_sample
         return x
 
@@ -485,7 +410,7 @@ class SEEDTokenizer(Tokenizer):
             if vae is None:
                 raise ValueError("the diffusion decoder needs the VAE whose latents it denoises")
             g = vae.layout.grid
-            self.diffusion = SEEDDiffusionDecoder(config, vae.config.code_dim, g[0], vae.config.codebook_size)
+            self.diffusion = SEEDDiffusionDecoder(config, vae.config.code_dim, g[0])
 
     CAPTION_LOSSES = ("align", "itg", "slots")
 
@@ -600,9 +525,8 @@ class SEEDTokenizer(Tokenizer):
         """The diffusion decoder's loss on ``decoder_targets`` (tokenizer and VAE frozen)."""
         with torch.no_grad():
             recon, gen = self.embed_ids(ids)
-            slots = self.caption_slots.probabilities(recon) if self.config.decoder_slots else None
             latents = self.vae.quantizer.embed(vae_ids) * self.config.latent_scale
-        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen, slots), generator, vae_ids)
+        return self.diffusion.loss(latents, self.diffusion.condition(recon, gen), generator)
 
     def decoder_loss(self, images, generator: torch.Generator | None = None) -> torch.Tensor:
         """The diffusion decoder's loss on images (tokenizer and VAE frozen)."""
@@ -617,11 +541,9 @@ class SEEDTokenizer(Tokenizer):
         if self.diffusion is None:
             raise CheckpointError("this SEED tokenizer has no trained diffusion decoder (train seed-decoder)")
         recon, gen = self.embed_ids(ids)
-        slots = self.caption_slots.probabilities(recon) if self.config.decoder_slots else None
-        cond = self.diffusion.condition(recon, gen, slots)
+        cond = self.diffusion.condition(recon, gen)
         g = self.vae.layout.grid
-        lat = self.diffusion.sample(cond, (self.vae.config.code_dim, g[0], g[1]), generator, steps, guidance_scale,
-                                    self.vae.quantizer.codebook() * self.config.latent_scale)
+        lat = self.diffusion.sample(cond, (self.vae.config.code_dim, g[0], g[1]), generator, steps, guidance_scale)
         q = self.vae.quantizer(lat / self.config.latent_scale)
         return ((self.vae.decoder(q.quantized) + 1) / 2).clamp(0, 1)
 

@@ -204,9 +204,8 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
                        init: str | None = None) -> Path:
     """The latent-diffusion decoder on the frozen SEED tokenizer and VAE; writes a complete SEED tokenizer.
 
-    ``init``: a SEED tokenizer folder with a trained decoder to start from (fresh optimizer and schedule). Its
-    UNet must have the recipe's shape except the output layer, which is started afresh when the recipe
-    changes what the UNet predicts (``decoder_target``): a "codes" decoder can start from a "v" one's body."""
+    ``init``: a SEED tokenizer folder whose trained decoder (of the recipe's shape) to start from, with a fresh
+    optimizer and schedule; with ``training.cache_seed`` the run can continue it on scenes it has never seen."""
     from mmgen.tokenizers.seed import SEEDTokenizer
     from mmgen.tokenizers.vq_image import VQImageTokenizer
 
@@ -262,10 +261,8 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
 
 
 def init_decoder(tok, init_dir: str) -> None:
-    """Copy a trained SEED decoder (UNet, condition projection, null condition) into ``tok``'s decoder. The
-    recipe may change two things, whose weights then keep their fresh initialisation: what the UNet predicts
-    (``decoder_target``: only the output layer differs) and the slot tokens (``decoder_slots``: their
-    projections and null tokens are new). Any other difference is an error naming the weights."""
+    """Copy a trained SEED decoder (UNet, condition projection, null condition) into ``tok``'s decoder, which
+    must have the same shape (any difference is an error naming the weights)."""
     from mmgen.tokenizers.base import CheckpointError
     from mmgen.tokenizers.seed import SEEDTokenizer
 
@@ -273,13 +270,8 @@ def init_decoder(tok, init_dir: str) -> None:
     if src.diffusion is None:
         raise CheckpointError(f"{init_dir} has no trained diffusion decoder to start from")
     mine, theirs = tok.diffusion.state_dict(), src.diffusion.state_dict()
-    slot_keys = ("slot_proj.", "background_proj.", "null_slots")
-    unknown = sorted(k for k in set(mine) ^ set(theirs) if not k.startswith(slot_keys))
-    if unknown:
-        raise ValueError(f"the decoder in {init_dir} has other weights than the recipe's: {unknown[:5]}")
-    fresh = [k for k in mine if k not in theirs or mine[k].shape != theirs[k].shape]
-    if any(k in theirs and not k.startswith("unet.conv_out.") for k in fresh):
-        raise ValueError(f"the decoder in {init_dir} differs from the recipe's in {fresh[:5]}; only the output "
-                         "layer may (decoder_target)")
-    tok.diffusion.load_state_dict({k: mine[k] if k in fresh else theirs[k].float() for k in mine})
-    log.info("decoder started from %s%s", init_dir, f" (fresh: {fresh})" if fresh else "")
+    differ = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k].shape != theirs[k].shape]
+    if differ:
+        raise ValueError(f"the decoder in {init_dir} is not the recipe's: it differs in {differ[:5]}")
+    tok.diffusion.load_state_dict({k: v.float() for k, v in theirs.items()})
+    log.info("decoder started from %s", init_dir)
