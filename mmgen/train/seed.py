@@ -219,7 +219,7 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
         setattr(base.config, k, tuple(v) if isinstance(v, list) else v)
     tok = SEEDTokenizer(base.config, base.clip, VQImageTokenizer.from_pretrained(vae_dir), with_decoder=True)
     tok.load_state_dict({**tok.state_dict(), **base._own_state()})
-    if init:
+    if init and not resume:  # a resumed run takes its weights from its own training state
         init_decoder(tok, init)
     for n, p in tok.named_parameters():
         p.requires_grad_(n.startswith("diffusion."))
