@@ -136,6 +136,8 @@ def cmd_train(args) -> int:
     if args.init and args.what not in ("tokenizer", "ar", "seed-decoder"):
         raise SystemExit(f"error: --init starts a tokenizer, AR or seed-decoder run from trained weights; mmgen train "
                          f"{args.what} does not take it (--resume continues a run)")
+    if args.what != "ar" and (args.precision != "no" or args.time_schedule):
+        raise SystemExit("error: --precision and --time-schedule are for mmgen train ar")
     if args.data_workers and (args.what not in ("tokenizer", "ar") or args.data):
         raise SystemExit("error: --data-workers renders the world for mmgen train tokenizer or ar "
                          "(not with --data, which reads a folder)")
@@ -183,7 +185,8 @@ def cmd_train(args) -> int:
             raise SystemExit("error: mmgen train ar needs --tokenizer DIR")
         path = train_ar(args.recipe, args.tokenizer, args.output, steps=args.steps, resume=args.resume,
                         data=args.data, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
-                        data_workers=args.data_workers)
+                        data_workers=args.data_workers, precision=args.precision,
+                        time_schedule=args.time_schedule)
     print(path)
     return 0
 
@@ -415,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-workers", type=int, default=0, metavar="N",
                     help="(tokenizer, ar) render the world in N processes, for an accelerator one CPU process "
                          "cannot feed (default 0: in the training process)")
+    tr.add_argument("--precision", choices=("no", "bf16"), default="no",
+                    help="(ar) no: fp32 (default; on this CPU bf16 runs several times slower); bf16: autocast, "
+                         "for a GPU")
+    tr.add_argument("--time-schedule", action="store_true",
+                    help="(ar) spread the cosine learning rate over --max-minutes as well as --steps, whichever is "
+                         "further along, so a run the clock stops ends annealed")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "
                     "checkpoints/text_tokenizer; (seed-decoder) from this SEED tokenizer's decoder, e.g. "

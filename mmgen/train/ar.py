@@ -161,11 +161,14 @@ def cached_codes(batches, tokenizer, cache: int, batch: int, seed: int, device, 
 def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | None = None, resume: bool = False,
              data: str | None = None, seed: int | None = None, save_every: int | None = None,
              progress: bool = True, max_minutes: float | None = None, init: str | None = None,
-             data_workers: int = 0) -> Path:
+             data_workers: int = 0, precision: str = "no", time_schedule: bool = False) -> Path:
     """Returns the pipeline folder (output/pipeline). ``max_minutes`` stops (and saves) early. ``init``: a
     trained pipeline whose model weights start this run (fresh optimizer and schedule); ``training.image_size``
     runs the tokenizer on another canvas (``GridImageTokenizer.at_image_size``). ``data_workers``: render the
-    world in that many processes (see ``training_batches``)."""
+    world in that many processes (see ``training_batches``). ``precision``: ``no`` (fp32) or ``bf16`` autocast
+    (for an accelerator; on this CPU bf16 runs several times slower). ``time_schedule``: the cosine follows the
+    share of ``max_minutes`` used when that is further along than the steps, so a run cut by the clock ends
+    annealed."""
     from accelerate import Accelerator
 
     recipe = read_yaml(recipe_path)
@@ -175,7 +178,14 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     seed = seed if seed is not None else int(tr.get("seed", 0))
     save_every = save_every or int(tr.get("save_every", 200))
     out = Path(output)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if precision not in ("no", "bf16"):
+        raise ValueError(f"precision must be 'no' (fp32) or 'bf16', got {precision!r}")
+    if time_schedule and not max_minutes:
+        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it")
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    if acc.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 parts (the tokenizer, the sentence encoder)
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_dir).to(acc.device)
     if tr.get("image_size") is not None:
@@ -257,7 +267,8 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             cond = text(captions)
         n_start = start.shape[1]
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup)
+            g["lr"] = cosine_lr(step, steps, lr, warmup, progress=(time.time() - t_start) / (60 * max_minutes)
+                                if time_schedule else None)
         unwrapped = acc.unwrap_model(wrapped)
         prefix = unwrapped.prefix(cond.states, cond.mask, drop=drop)
         if shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>

