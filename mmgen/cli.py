@@ -136,8 +136,10 @@ def cmd_train(args) -> int:
     if args.init and args.what not in ("tokenizer", "ar", "seed-decoder"):
         raise SystemExit(f"error: --init starts a tokenizer, AR or seed-decoder run from trained weights; mmgen train "
                          f"{args.what} does not take it (--resume continues a run)")
-    if args.what != "ar" and (args.precision != "no" or args.time_schedule):
-        raise SystemExit("error: --precision and --time-schedule are for mmgen train ar")
+    if args.what != "ar" and args.precision != "no":
+        raise SystemExit("error: --precision is for mmgen train ar")
+    if args.what not in ("ar", "tokenizer") and args.time_schedule:
+        raise SystemExit("error: --time-schedule is for mmgen train ar or tokenizer")
     if args.data_workers and (args.what not in ("tokenizer", "ar") or args.data):
         raise SystemExit("error: --data-workers renders the world for mmgen train tokenizer or ar "
                          "(not with --data, which reads a folder)")
@@ -177,7 +179,7 @@ def cmd_train(args) -> int:
 
         path = train_tokenizer(args.recipe, args.output, steps=args.steps, resume=args.resume, data=args.data,
                                seed=args.seed, max_minutes=args.max_minutes, init=args.init,
-                               data_workers=args.data_workers)
+                               data_workers=args.data_workers, time_schedule=args.time_schedule)
     else:
         from mmgen.train.ar import train_ar
 
@@ -422,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="(ar) no: fp32 (default; on this CPU bf16 runs several times slower); bf16: autocast, "
                          "for a GPU")
     tr.add_argument("--time-schedule", action="store_true",
-                    help="(ar) spread the cosine learning rate over --max-minutes as well as --steps, whichever is "
+                    help="(ar, tokenizer) spread the cosine learning rate over --max-minutes as well as --steps, whichever is "
                          "further along, so a run the clock stops ends annealed")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "

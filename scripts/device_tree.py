@@ -1,4 +1,4 @@
-"""Prepare this checkout for a run on the device machine (scripts/gpu_text_ar.sh), and undo it.
+"""Prepare this checkout for a run on the device machine (scripts/gpu_train.sh ar), and undo it.
 
 The device machine copies the checkout's tracked and untracked-not-ignored files plus carried paths, 64 MiB
 at most; it has no MiniLM package and no DejaVu fonts. ``prepare`` writes ``.device/`` (ignored through
@@ -8,7 +8,7 @@ SentenceEncoder computes in fp32 whatever the stored dtype) and the three fonts 
 disk, ignored) so the tree fits; ``restore`` puts them back. ``size`` prints what would travel.
 
     python scripts/device_tree.py prepare && python scripts/device_tree.py shrink
-    # run(command="bash scripts/gpu_text_ar.sh", carry=[".device"]) ...
+    # run(command="bash scripts/gpu_train.sh ar", carry=[".device"]) ...
     python scripts/device_tree.py restore
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / ".device"
 EXCLUDE = ROOT / ".git" / "info" / "exclude"
-KEEP = ("checkpoints/text/tokenizer/",)  # what the run reads; every other checkpoint stays home
+KEEP = ("checkpoints/text/tokenizer/", "checkpoints/text_tokenizer/model.safetensors",
+        "checkpoints/text_tokenizer/config.json")  # what the runs read; every other checkpoint stays home
 BEGIN, END = "# device_tree shrink: begin", "# device_tree shrink: end"
 LIMIT = 64 * 2**20
 

@@ -138,8 +138,9 @@ def init_from(tok, directory: str) -> None:
 def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
                     data: str | None = None, seed: int | None = None, save_every: int | None = None,
                     progress: bool = True, max_minutes: float | None = None, init: str | None = None,
-                    data_workers: int = 0) -> Path:
-    """Train the recipe's tokenizer into ``output``. ``init``: a trained tokenizer folder to start from (its
+                    data_workers: int = 0, time_schedule: bool = False) -> Path:
+    """Train the recipe's tokenizer into ``output``. ``time_schedule``: the cosine follows the share of
+    ``max_minutes`` used when that is further along than the steps (as in ``train_ar``). ``init``: a trained tokenizer folder to start from (its
     weights; the optimizer and the learning-rate schedule start afresh), which must match the recipe's
     architecture exactly; refused together with ``resume``, which continues a run's own state instead."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -153,8 +154,13 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     save_every = save_every or int(tr.get("save_every", 250))
     out = Path(output)
     # the codebook sits out the unquantized warm-up, so DDP must allow unused parameters
+    if time_schedule and not max_minutes:
+        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it")
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if acc.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
     tok = build_tokenizer(recipe)
     if init is not None:
@@ -209,7 +215,8 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
             x, offset = content_crops(x, crop, align, gen, candidates)
         x = x.to(acc.device)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)))
+            g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)),
+                                progress=(time.time() - t_start) / (60 * max_minutes) if time_schedule else None)
         quantize = step >= warm
         if step == warm and has_codebook and not from_init:  # empty usage window: the restart below seeds every code
             unwrapped.quantizer.window_hits.zero_()

@@ -191,3 +191,34 @@ def test_ar_cache_encodes_each_page_once_and_revisits_them(tmp_path):
     ar.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="cache_images"):
         train_ar(str(ar), str(tmp_path / "tok"), str(tmp_path / "ar2"), progress=False)
+
+
+def test_time_schedule_anneals_by_the_clock_and_bf16_trains(tmp_path, debug_checkpoint):
+    from mmgen.cli import main
+    from mmgen.train.ar import train_ar
+    from mmgen.train.common import cosine_lr
+
+    assert cosine_lr(10, 1000, 1.0, 5) > 0.99  # by steps: barely started
+    assert cosine_lr(10, 1000, 1.0, 5, progress=1.0) == pytest.approx(0.1)  # the clock is up: annealed
+    assert cosine_lr(900, 1000, 1.0, 5, progress=0.0) == cosine_lr(900, 1000, 1.0, 5)  # the further one wins
+    assert cosine_lr(2, 1000, 1.0, 5, progress=1.0) == pytest.approx(0.6)  # warm-up stays by steps
+    recipe = tmp_path / "ar.yaml"
+    recipe.write_text(yaml.safe_dump({"architecture": {"size": "debug"},
+                                      "training": {"steps": 1000, "batch_size": 2, "warmup": 1, "log_every": 1}}))
+    tok = str(debug_checkpoint / "tokenizer")
+    # a run stopped by a (tiny) time budget ends on the annealed learning rate although 1000 steps were asked for
+    train_ar(str(recipe), tok, str(tmp_path / "t"), progress=False, max_minutes=0.02, time_schedule=True,
+             precision="bf16")
+    rows = _rows(tmp_path / "t" / "metrics.jsonl")
+    lrs = [r["lr"] for r in rows]
+    assert len(rows) >= 2 and rows[-1]["step"] < 1000
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5e-3  # by steps alone it would still be ~1e-3
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    with pytest.raises(ValueError, match="max-minutes"):
+        train_ar(str(recipe), tok, str(tmp_path / "u"), progress=False, time_schedule=True)
+    with pytest.raises(ValueError, match="precision"):
+        train_ar(str(recipe), tok, str(tmp_path / "v"), progress=False, precision="fp8")
+    with pytest.raises(SystemExit, match="--precision is for mmgen train ar"):
+        main(["train", "tokenizer", "--recipe", str(recipe), "--output", str(tmp_path / "w"), "--precision", "bf16"])
+    with pytest.raises(SystemExit, match="--time-schedule is for"):
+        main(["train", "clip", "--recipe", str(recipe), "--output", str(tmp_path / "w"), "--time-schedule"])

@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Train the text-world AR model (recipes/text_ar_ts4_gpu.yaml) on the device machine and bring it back.
-# Runs there as: bash scripts/gpu_text_ar.sh, carry ['.device'] (scripts/device_tree.py prepares it).
-# Env: RECIPE (default recipes/text_ar_ts4_gpu.yaml), MINUTES (training wall clock, default 7), WORKERS (world-rendering processes, default: cores - 2),
+# Train a text-world model on the device machine and bring it back:
+#   bash scripts/gpu_train.sh ar          the AR model (recipes/text_ar_ts4_gpu.yaml, from scratch)
+#   bash scripts/gpu_train.sh tokenizer   the binary text tokenizer (tokenizers/binary_text_stage3_gpu.yaml,
+#                                         --init checkpoints/text_tokenizer)
+# with carry ['.device'] (scripts/device_tree.py prepares it). Env: RECIPE, MINUTES (training wall clock, default 7), WORKERS (world-rendering processes, default: cores - 2),
 # OUT (the folder that comes back; default runs/gpu_out). What comes back, at most 8 files of <= 16 MiB:
-# model.safetensors.part0.. (the model, fp16, split), model_config.json, metrics.jsonl, train.log, gpu.json.
+# model.safetensors.part0.. (the AR model, fp16, split; the tokenizer whole, fp32), model_config.json,
+# metrics.jsonl, train.log, gpu.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+KIND=${1:-}
+case "$KIND" in
+  ar) RECIPE=${RECIPE:-recipes/text_ar_ts4_gpu.yaml}; PART=model
+      ARGS=(--tokenizer checkpoints/text/tokenizer --precision "${PRECISION:-bf16}") ;;
+  tokenizer) RECIPE=${RECIPE:-tokenizers/binary_text_stage3_gpu.yaml}; PART=tokenizer
+      ARGS=(--init "${INIT:-checkpoints/text_tokenizer}") ;;
+  *) echo "usage: bash scripts/gpu_train.sh ar|tokenizer" >&2; exit 2 ;;
+esac
 MINUTES=${MINUTES:-7}
-RECIPE=${RECIPE:-recipes/text_ar_ts4_gpu.yaml}
 OUT=${OUT:-runs/gpu_out}
-RUN=${RUN:-/tmp/text_ar_gpu}
+RUN=${RUN:-/tmp/gpu_run}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then  # the text world's fonts (fonts-dejavu-core)
@@ -29,16 +39,17 @@ PY
 cat "$OUT/gpu.json"; echo "workers $WORKERS, /dev/shm ${shm:-?} MB free"
 
 export_model() {  # the latest saved pipeline -> fp16 parts under OUT (each file that comes back is <= 16 MiB)
-  "$PY" - "$RUN" "$OUT" <<'PY'
+  "$PY" - "$RUN" "$OUT" "$PART" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
-src = run / "pipeline" / "model"
+part = sys.argv[3]
+src = run / "pipeline" / "model" if part == "model" else run / "tokenizer"
 if not (src / "model.safetensors").exists():
     sys.exit(0)
-w = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(str(src / "model.safetensors")).items()}
+w = {k: v.to(torch.float16) if v.is_floating_point() and part == "model" else v for k, v in load_file(str(src / "model.safetensors")).items()}
 tmp = out / "model.tmp"
 save_file(w, str(tmp), metadata={"format": "pt"})
 data, part = tmp.read_bytes(), 15 * 2**20
@@ -57,16 +68,14 @@ PY
 rm -rf "$RUN"
 ( while sleep 90; do export_model; done ) & exporter=$!
 start=$(date +%s)
-"$PY" -m mmgen.cli train ar --recipe "$RECIPE" --tokenizer checkpoints/text/tokenizer \
-  --output "$RUN" --max-minutes "$MINUTES" --time-schedule --precision "${PRECISION:-bf16}" \
-  --data-workers "$WORKERS" ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
+"$PY" -m mmgen.cli train "$KIND" --recipe "$RECIPE" "${ARGS[@]}" \
+  --output "$RUN" --max-minutes "$MINUTES" --time-schedule --data-workers "$WORKERS" ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ] && [ "$WORKERS" -gt 0 ] && [ $(( $(date +%s) - start )) -lt 120 ]; then
   echo "training with $WORKERS workers failed early (rc $rc); again in one process"; tail -5 "$OUT/train.log"
   mv "$OUT/train.log" "$OUT/train_workers.log"; rm -rf "$RUN"
-  "$PY" -m mmgen.cli train ar --recipe "$RECIPE" --tokenizer checkpoints/text/tokenizer \
-    --output "$RUN" --max-minutes "$MINUTES" --time-schedule --precision "${PRECISION:-bf16}" \
-    --data-workers 0 ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
+  "$PY" -m mmgen.cli train "$KIND" --recipe "$RECIPE" "${ARGS[@]}" \
+    --output "$RUN" --max-minutes "$MINUTES" --time-schedule --data-workers 0 ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
   rc=$?
 fi
 kill $exporter 2>/dev/null; wait $exporter 2>/dev/null
