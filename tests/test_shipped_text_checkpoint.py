@@ -1,6 +1,7 @@
 """The text-to-image checkpoint the project ships (checkpoints/text) loads (safetensors only), writes 256x256
 pages through Token-Shuffle s = 4 from the CLI and the API, and refuses bad quoted text. Its model card's
-status: it draws flat cards and does not write readable text yet, so the quality check here is the card."""
+status: it draws the card and writes the text's line in the colour asked for, but not yet the right letters, so the
+quality checks here are the card and the ink's colour."""
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from mmgen.eval import text_eval
 from mmgen.pipelines.text_to_image import TextToImagePipeline
 from mmgen.worlds import text as tw
 
@@ -34,7 +36,7 @@ def card_shares(image) -> dict:
 def test_weights_are_safetensors_small_and_over_the_shipped_tokenizer():
     files = [p for p in CKPT.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+    assert sum(p.stat().st_size for p in files) < 50 * 2**20
     assert (CKPT / "README.md").is_file() and (CKPT / "eval.json").is_file()
     mine = load_file(str(CKPT / "tokenizer" / "model.safetensors"))
     shipped = load_file(str(ROOT / "checkpoints" / "text_tokenizer" / "model.safetensors"))
@@ -47,11 +49,12 @@ def test_writes_deterministic_256px_pages_16_tokens_a_step(pipe):
     b = pipe(PROMPT, num_images=1, generator=[torch.Generator().manual_seed(0)])
     assert a.images[0].size == (256, 256) and np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     assert a.record["tokens"] == 4096 and a.record["forward_passes"] == 256
-    # what it has learnt (measured at release: white 0.84, 0.68, 1.00, 0.79 of the page for seeds 0-3):
-    # a flat card, white when a white card is asked for
+    # what it has learnt (measured at release: white 0.97 to 0.98 of the page and blue ink for seeds 0-3):
+    # a flat card, white when a white card is asked for, and ink in the colour asked for
     shares = [card_shares(im) for im in a.images]
-    assert all(max(s.values()) >= 0.6 for s in shares), shares
-    assert sum(max(s, key=s.get) == "white" for s in shares) >= 3, shares
+    assert sum(s["white"] >= 0.9 for s in shares) >= 3, shares
+    inks = [text_eval.text_color(im, "white") for im in a.images]
+    assert inks.count("blue") >= 3, inks
 
 
 def test_cli_prompts_file_and_bad_quoted_text(tmp_path):
