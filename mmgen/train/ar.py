@@ -182,7 +182,10 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         raise ValueError(f"precision must be 'no' (fp32) or 'bf16', got {precision!r}")
     if time_schedule and not max_minutes:
         raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it")
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    # bf16 by autocast around the loss here rather than Accelerator(mixed_precision=...): accelerate's state is one
+    # per process, and a second run in the same process (the tests, a notebook) could not change it
+    autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     if acc.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 parts (the tokenizer, the sentence encoder)
         torch.backends.cudnn.allow_tf32 = True
@@ -270,21 +273,23 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             g["lr"] = cosine_lr(step, steps, lr, warmup, progress=(time.time() - t_start) / (60 * max_minutes)
                                 if time_schedule else None)
         unwrapped = acc.unwrap_model(wrapped)
-        prefix = unwrapped.prefix(cond.states, cond.mask, drop=drop)
-        if shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>
-            loss = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1], target=ids[:, n_start:-1])
-        else:  # loss on the image tokens and <eoi> only: the start ids (bytes, <boi>) are given
-            target = ids[:, 1:].clone()
-            target[:, :n_start - 1] = -100
-            loss = wrapped(prefix, ids[:, :-1], target=target)
-        if see_data is not None:
+        if see_data is not None:  # encoded outside autocast: the tokenizer's ids stay those of fp32
             see_images, see_captions = next(see_data)
             with torch.no_grad():
                 see_codes = vocab.to_unified("image", tokenizer.encode(see_images.to(acc.device)).cpu())
             see_ids, see_target = caption_sequences(see_codes, see_captions, vocab)
-            empty = torch.zeros(len(see_captions), 0, model.config.hidden_size, device=acc.device)
-            see_loss = wrapped(empty, see_ids.to(acc.device), target=see_target.to(acc.device))
-            loss = loss + see_loss
+        with autocast:
+            prefix = unwrapped.prefix(cond.states, cond.mask, drop=drop)
+            if shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>
+                loss = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1], target=ids[:, n_start:-1])
+            else:  # loss on the image tokens and <eoi> only: the start ids (bytes, <boi>) are given
+                target = ids[:, 1:].clone()
+                target[:, :n_start - 1] = -100
+                loss = wrapped(prefix, ids[:, :-1], target=target)
+            if see_data is not None:
+                empty = torch.zeros(len(see_captions), 0, model.config.hidden_size, device=acc.device)
+                see_loss = wrapped(empty, see_ids.to(acc.device), target=see_target.to(acc.device))
+                loss = loss + see_loss
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(wrapped.parameters(), 1.0)

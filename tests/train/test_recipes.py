@@ -23,6 +23,7 @@ class _Grid:
 # each AR recipe with the tokenizer recipe it is trained over
 AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_image.yaml",
                 "text_ar_ts4.yaml": "binary_text.yaml", "text_ar_512_ts4.yaml": "binary_text.yaml",
+                "text_ar_ts4_gpu.yaml": "binary_text.yaml",
                 "text_ar_ts4_bitwise.yaml": "binary_text_pages.yaml",
                 "seed_ar.yaml": "seed.yaml", "seed_p4_ar.yaml": "seed_p4_slots_long_stage2_long_probe.yaml"}
 
@@ -79,20 +80,22 @@ def test_a_misspelt_key_is_an_error(tmp_path):
 def test_a_second_stage_recipe_keeps_the_architecture_it_starts_from():
     """tokenizers/binary_text_stage2.yaml continues a binary_text.yaml run (--init): the same network."""
     first = yaml.safe_load((ROOT / "tokenizers" / "binary_text.yaml").read_text())
-    for later in ("binary_text_stage2.yaml", "binary_text_stage3.yaml", "binary_text_pages.yaml",
+    for later in ("binary_text_stage2.yaml", "binary_text_stage3.yaml", "binary_text_stage3_gpu.yaml",
+                  "binary_text_pages.yaml",
                   "binary_text_pages_lowent.yaml", "binary_text_pages_flat.yaml"):
         second = yaml.safe_load((ROOT / "tokenizers" / later).read_text())
         assert first["type"] == second["type"] and first["architecture"] == second["architecture"], later
 
 
 def test_the_512_text_recipe_can_start_from_the_256_one():
-    """recipes/text_ar_512_ts4.yaml is trained with --init from a text_ar_ts4.yaml run: the same weights."""
+    """recipes/text_ar_512_ts4.yaml is trained with --init from checkpoints/text, a text_ar_ts4_gpu.yaml run: the
+    same weights."""
     from dataclasses import asdict
 
     from mmgen.train.ar import INIT_FREE_FIELDS
 
     tok = build_tokenizer(yaml.safe_load((ROOT / "tokenizers" / "binary_text.yaml").read_text()))
-    r256, r512 = (yaml.safe_load((ROOT / "recipes" / n).read_text()) for n in ("text_ar_ts4.yaml",
+    r256, r512 = (yaml.safe_load((ROOT / "recipes" / n).read_text()) for n in ("text_ar_ts4_gpu.yaml",
                                                                               "text_ar_512_ts4.yaml"))
     a = asdict(build_model(r256, tok).config)
     b = asdict(build_model(r512, tok.at_image_size(r512["training"]["image_size"])).config)
