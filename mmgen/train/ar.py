@@ -29,7 +29,7 @@ from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
 from mmgen.text.encoder import SentenceEncoder
 from mmgen.text.quoted import split_prompts
 from mmgen.train.common import (MetricsLog, check_sections, cosine_lr, load_train_state, past_time_limit,
-                                 read_yaml, save_train_state, should_resume, shuffled_passes)
+                                 read_yaml, save_train_state, should_resume, shuffled_passes, time_progress)
 from mmgen.worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -180,13 +180,16 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     out = Path(output)
     if precision not in ("no", "bf16"):
         raise ValueError(f"precision must be 'no' (fp32) or 'bf16', got {precision!r}")
-    if time_schedule and not max_minutes:
-        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it")
+    if time_schedule and not (max_minutes and max_minutes > 0):
+        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it (above 0)")
+    if time_schedule and resume:
+        raise ValueError("--time-schedule follows this run's clock, which a resumed run would start again (its "
+                         "learning rate back near the peak): resume without it")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     # bf16 by autocast around the loss here rather than Accelerator(mixed_precision=...): accelerate's state is one
     # per process, and a second run in the same process (the tests, a notebook) could not change it
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    if acc.device.type == "cuda":
+    if acc.device.type == "cuda" and precision == "bf16":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 parts (the tokenizer, the sentence encoder)
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
@@ -270,7 +273,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             cond = text(captions)
         n_start = start.shape[1]
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup, progress=(time.time() - t_start) / (60 * max_minutes)
+            g["lr"] = cosine_lr(step, steps, lr, warmup, progress=time_progress(acc, t_start, max_minutes)
                                 if time_schedule else None)
         unwrapped = acc.unwrap_model(wrapped)
         if see_data is not None:  # encoded outside autocast: the tokenizer's ids stay those of fp32

@@ -68,6 +68,13 @@ def past_time_limit(acc, start: float, max_minutes: float | None) -> bool:
     return bool(acc.gather(flag).max() > 0)
 
 
+def time_progress(acc, start: float, max_minutes: float) -> float:
+    """The share of ``max_minutes`` used since ``start``, the largest over the processes, so every rank sets the
+    same learning rate (each rank's own clock would let their weights drift apart)."""
+    share = torch.tensor([(time.time() - start) / (60 * max_minutes)], device=acc.device)
+    return float(acc.gather(share).max())
+
+
 def should_resume(directory: str | os.PathLike, resume: bool) -> bool:
     """Whether a run loads ``directory`` (its train_state): with ``resume``, there must be one (a mistyped
     --output would otherwise start over silently); without it, there must be none (a new run would overwrite

@@ -15,7 +15,7 @@ from mmgen.data.shapes_data import folder_batches, training_batches
 from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer
 from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer
 from mmgen.train.common import (MetricsLog, check_sections, cosine_lr, load_train_state, past_time_limit,
-                                read_yaml, save_train_state, should_resume)
+                                read_yaml, save_train_state, should_resume, time_progress)
 
 log = logging.getLogger(__name__)
 TOKENIZER_TYPES = {"vq_image": (VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer),
@@ -154,8 +154,11 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     save_every = save_every or int(tr.get("save_every", 250))
     out = Path(output)
     # the codebook sits out the unquantized warm-up, so DDP must allow unused parameters
-    if time_schedule and not max_minutes:
-        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it")
+    if time_schedule and not (max_minutes and max_minutes > 0):
+        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it (above 0)")
+    if time_schedule and resume:
+        raise ValueError("--time-schedule follows this run's clock, which a resumed run would start again (its "
+                         "learning rate back near the peak): resume without it")
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if acc.device.type == "cuda":
@@ -216,7 +219,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         x = x.to(acc.device)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)),
-                                progress=(time.time() - t_start) / (60 * max_minutes) if time_schedule else None)
+                                progress=time_progress(acc, t_start, max_minutes) if time_schedule else None)
         quantize = step >= warm
         if step == warm and has_codebook and not from_init:  # empty usage window: the restart below seeds every code
             unwrapped.quantizer.window_hits.zero_()

