@@ -161,7 +161,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
                          "learning rate back near the peak): resume without it")
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if acc.device.type == "cuda":
+    if acc.device.type == "cuda":  # TF32 convolutions and matmuls on a GPU (the CPU computes plain fp32)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
