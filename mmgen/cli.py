@@ -424,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="(ar) no: fp32 (default; on this CPU bf16 runs several times slower); bf16: autocast, "
                          "for a GPU")
     tr.add_argument("--time-schedule", action="store_true",
-                    help="(ar, tokenizer) spread the cosine learning rate over --max-minutes as well as --steps, whichever is "
-                         "further along, so a run the clock stops after its warm-up ends annealed (not with "
-                         "--resume)")
+                    help="(ar, tokenizer) spread the cosine learning rate over --max-minutes as well as --steps, "
+                         "whichever is further along, so a run the clock stops after its warm-up ends annealed "
+                         "(not with --resume)")
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "
                     "checkpoints/text_tokenizer; (seed-decoder) from this SEED tokenizer's decoder, e.g. "

@@ -64,7 +64,8 @@ def prepare() -> None:
         "    return Path(__file__).parent / 'model'\n")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(src / name, pkg / "model" / name)
-    weights = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in load_file(str(src / "model.safetensors")).items()}
+    weights = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
+               for k, v in load_file(str(src / "model.safetensors")).items()}
     save_file(weights, str(pkg / "model" / "model.safetensors"), metadata={"format": "pt"})
     fonts = DEVICE / "fonts"
     fonts.mkdir(exist_ok=True)

