@@ -69,6 +69,13 @@ def font(name: str, px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(path), px)
 
 
+@lru_cache(maxsize=1 << 16)
+def text_length(name: str, px: int, text: str) -> float:
+    """``font(name, px).getlength(text)``, remembered: drawing a page's random text wraps each longer prefix
+    again, so the same lines are measured over and over (three quarters of the world's rendering time)."""
+    return font(name, px).getlength(text)
+
+
 def font_px(size: str, canvas: int) -> int:
     if size not in SIZES:
         raise ValueError(f"unknown text size {size!r}; choose from {sorted(SIZES)}")
@@ -96,17 +103,17 @@ def wrap(text: str, font_name: str, size: str, canvas: int = 256) -> list[str]:
     """Greedy word wrap to the canvas width minus the margins; newlines force breaks. Raises ValueError when
     a word is wider than a line or the text needs more lines than fit."""
     check_text(text)
-    f = font(font_name, font_px(size, canvas))
+    px = font_px(size, canvas)
     margin, _, max_lines = geometry(canvas, size)
     width = canvas - 2 * margin
     lines: list[str] = []
     for para in text.split("\n"):
         current = ""
         for word in para.split():
-            if f.getlength(word) > width:
+            if text_length(font_name, px, word) > width:
                 raise ValueError(f"the word {word!r} is wider than a line at {size} size on a {canvas}x{canvas} canvas")
             trial = f"{current} {word}" if current else word
-            if f.getlength(trial) <= width:
+            if text_length(font_name, px, trial) <= width:
                 current = trial
             else:
                 lines.append(current)

@@ -46,6 +46,29 @@ def test_wrap_and_forced_breaks():
     assert len(tw.wrap(long, "sans", "small")) > 1
 
 
+def test_remembered_lengths_wrap_as_the_font_measures():
+    # wrap reads lengths through text_length's cache; a greedy wrap measured by a fresh font gives the same lines
+    import random
+
+    from PIL import ImageFont
+
+    rng = random.Random(5)
+    for _ in range(20):
+        name, size = rng.choice(sorted(tw.FONTS)), rng.choice(sorted(tw.SIZES))
+        text = " ".join(rng.choice(tw.words()) for _ in range(rng.randint(1, 12)))
+        f = ImageFont.truetype(str(tw.FONT_DIR / tw.FONTS[name]), tw.font_px(size, 256))
+        width = 256 - 2 * tw.geometry(256, size)[0]
+        want, current = [], ""
+        for word in text.split():
+            trial = f"{current} {word}" if current else word
+            current = trial if f.getlength(trial) <= width else (want.append(current) or word)
+        want.append(current)
+        try:
+            assert tw.wrap(text, name, size) == want
+        except ValueError as e:  # too many lines: the reference agrees it does not fit
+            assert "lines" in str(e) and len(want) > tw.geometry(256, size)[2]
+
+
 def test_bad_text_is_refused_clearly():
     with pytest.raises(ValueError, match="not allowed"):
         tw.render("caf\u00e9 & bar")
