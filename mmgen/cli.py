@@ -138,6 +138,8 @@ def cmd_train(args) -> int:
                          f"{args.what} does not take it (--resume continues a run)")
     if args.what != "ar" and args.precision != "no":
         raise SystemExit("error: --precision is for mmgen train ar")
+    if args.what != "ar" and args.profile:
+        raise SystemExit("error: --profile is for mmgen train ar")
     if args.what not in ("ar", "tokenizer") and args.time_schedule:
         raise SystemExit("error: --time-schedule is for mmgen train ar or tokenizer")
     if args.data_workers and (args.what not in ("tokenizer", "ar") or args.data):
@@ -188,7 +190,7 @@ def cmd_train(args) -> int:
         path = train_ar(args.recipe, args.tokenizer, args.output, steps=args.steps, resume=args.resume,
                         data=args.data, seed=args.seed, max_minutes=args.max_minutes, init=args.init,
                         data_workers=args.data_workers, precision=args.precision,
-                        time_schedule=args.time_schedule)
+                        time_schedule=args.time_schedule, profile=args.profile)
     print(path)
     return 0
 
@@ -423,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--precision", choices=("no", "bf16"), default="no",
                     help="(ar) no: fp32 (default; on this CPU bf16 runs several times slower); bf16: autocast, "
                          "for a GPU")
+    tr.add_argument("--profile", action="store_true",
+                    help="(ar) profile five steps after the tenth with torch.profiler: operator times in "
+                         "OUTPUT/profile.txt (metrics.jsonl always has data_wait_s, the host's wait for batches)")
     tr.add_argument("--time-schedule", action="store_true",
                     help="(ar, tokenizer) spread the cosine learning rate over --max-minutes as well as --steps, "
                          "whichever is further along, so a run the clock stops after its warm-up ends annealed "

@@ -5,7 +5,9 @@
 #                                         --init checkpoints/text_tokenizer)
 # with carry ['.device'] (scripts/device_tree.py prepares it). Env: RECIPE, MINUTES (training wall clock,
 # default 7), WORKERS (world-rendering processes, default: cores - 2), OUT (the folder that comes back;
-# default runs/gpu_out). What comes back, at most 8 files of <= 16 MiB:
+# default runs/gpu_out); for ar also TOKENIZER (default checkpoints/text/tokenizer; e.g. one placed under
+# .device/) and PROFILE=1 (torch.profiler tables of five steps in profile.txt). What comes back, at most
+# 8 files of <= 16 MiB:
 # model.safetensors.part0.. (the AR model, fp16, split; the tokenizer whole, fp32) and parts.json (written
 # last: sizes and sha256), model_config.json, metrics.jsonl, train.log. Join them here with
 # python scripts/device_tree.py join OUT DEST.safetensors (it checks parts.json).
@@ -14,7 +16,8 @@ cd "$(dirname "$0")/.."
 KIND=${1:-}
 case "$KIND" in
   ar) RECIPE=${RECIPE:-recipes/text_ar_ts4_gpu.yaml}; PART=model
-      ARGS=(--tokenizer checkpoints/text/tokenizer --precision "${PRECISION:-bf16}") ;;
+      ARGS=(--tokenizer "${TOKENIZER:-checkpoints/text/tokenizer}" --precision "${PRECISION:-bf16}"
+            ${PROFILE:+--profile}) ;;
   tokenizer) RECIPE=${RECIPE:-tokenizers/binary_text_stage3_gpu.yaml}; PART=tokenizer
       ARGS=(--init "${INIT:-checkpoints/text_tokenizer}") ;;
   *) echo "usage: bash scripts/gpu_train.sh ar|tokenizer" >&2; exit 2 ;;
@@ -69,8 +72,9 @@ for i, name in enumerate(names):
 (out / "parts.json").write_text(json.dumps({"parts": names, "bytes": len(data),
                                             "sha256": hashlib.sha256(data).hexdigest()}))
 shutil.copy(src / "config.json", out / "model_config.json")
-if (run / "metrics.jsonl").exists():
-    shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
+for name in ("metrics.jsonl", "profile.txt"):
+    if (run / name).exists():
+        shutil.copy(run / name, out / name)
 print("exported", len(data), "bytes", flush=True)
 PY
 }

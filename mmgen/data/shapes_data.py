@@ -59,11 +59,14 @@ class _WorldStream(torch.utils.data.IterableDataset):
 
 def training_batches(world: str, batch_size: int, seed: int, size: int, rank: int = 0, paraphrase: bool = True,
                      exclude_combos=shapes.HELD_OUT_COMBOS,
-                     workers: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                     workers: int = 0, device=None) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """The batches of a recipe's world: ``shapes`` or ``text`` (``exclude_combos`` applies to shapes).
 
     ``workers`` > 0 renders them in that many DataLoader processes (for an accelerator that one CPU process
-    cannot feed); each worker has its own stream, so the batches differ from the in-process ones (0)."""
+    cannot feed); each worker has its own stream, so the batches differ from the in-process ones (0).
+    ``device``: the images arrive there, copied without waiting on the device's queue (from pinned memory on
+    CUDA, as uint8 from workers, made float on the device): a blocking copy would make the training loop wait
+    for the previous step's kernels before it could prepare the next."""
     if world not in ("shapes", "text"):
         raise ValueError(f"unknown training world {world!r}: shapes or text")
     if workers < 0:
@@ -71,11 +74,18 @@ def training_batches(world: str, batch_size: int, seed: int, size: int, rank: in
     if workers:
         stream = _WorldStream(world=world, batch_size=batch_size, seed=seed, size=size, rank=rank,
                               paraphrase=paraphrase, exclude_combos=exclude_combos)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-        return ((x.float() / 255.0, c) for x, c in loader)
+        pin = device is not None and torch.device(device).type == "cuda"
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin)
+        return ((_arrive(x, device).float() / 255.0, c) for x, c in loader)
     if world == "shapes":
-        return world_batches(batch_size, seed, size, paraphrase, exclude_combos, rank)
-    return text_world_batches(batch_size, seed, size, paraphrase, rank)
+        batches = world_batches(batch_size, seed, size, paraphrase, exclude_combos, rank)
+    else:
+        batches = text_world_batches(batch_size, seed, size, paraphrase, rank)
+    return batches if device is None else ((_arrive(x, device), c) for x, c in batches)
+
+
+def _arrive(x: torch.Tensor, device) -> torch.Tensor:
+    return x if device is None else x.to(device, non_blocking=True)
 
 
 def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank: int = 0,

@@ -64,9 +64,10 @@ class SentenceEncoder(torch.nn.Module):
             raise ValueError(f"prompt is too long: {int(lengths[worst])} word pieces, the limit is "
                              f"{self.max_tokens} ({prompts[worst][:60]!r}...)")
         dev = next(self.model.parameters()).device
-        out = self.model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev))
+        ids, attention = (enc[k].to(dev, non_blocking=True) for k in ("input_ids", "attention_mask"))
+        out = self.model(input_ids=ids, attention_mask=attention)
         states = torch.zeros(len(prompts), self.max_tokens, HIDDEN_SIZE, device=dev)
         mask = torch.zeros(len(prompts), self.max_tokens, dtype=torch.bool, device=dev)
         states[:, :n] = out.last_hidden_state
-        mask[:, :n] = enc["attention_mask"].bool().to(dev)
+        mask[:, :n] = attention.bool()
         return TextConditioning(states, mask)

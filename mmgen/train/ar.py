@@ -159,17 +159,36 @@ def cached_codes(batches, tokenizer, cache: int, batch: int, seed: int, device, 
         yield codes[idx].long(), [captions[j] for j in idx.tolist()]
 
 
+def write_profile(profiler, path: Path, device_type: str) -> None:
+    """Stop ``profiler`` and write its operator tables: by self device time (on an accelerator), by self host
+    time."""
+    profiler.stop()
+    table = profiler.key_averages()
+    parts = ([f"# by self {device_type} time\n" + table.table(sort_by=f"self_{device_type}_time_total", row_limit=30)]
+             if device_type == "cuda" else [])
+    parts.append("# by self host time\n" + table.table(sort_by="self_cpu_time_total", row_limit=30))
+    path.write_text("\n\n".join(parts) + "\n")
+    log.info("profile of five steps written to %s", path)
+
+
 def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | None = None, resume: bool = False,
              data: str | None = None, seed: int | None = None, save_every: int | None = None,
              progress: bool = True, max_minutes: float | None = None, init: str | None = None,
-             data_workers: int = 0, precision: str = "no", time_schedule: bool = False) -> Path:
+             data_workers: int = 0, precision: str = "no", time_schedule: bool = False,
+             profile: bool = False) -> Path:
     """Returns the pipeline folder (output/pipeline). ``max_minutes`` stops (and saves) early. ``init``: a
     trained pipeline whose model weights start this run (fresh optimizer and schedule); ``training.image_size``
     runs the tokenizer on another canvas (``GridImageTokenizer.at_image_size``). ``data_workers``: render the
     world in that many processes (see ``training_batches``). ``precision``: ``no`` (fp32) or ``bf16`` autocast
     (for an accelerator; on this CPU bf16 runs several times slower). ``time_schedule``: the cosine follows the
     share of ``max_minutes`` used when that is further along than the steps, so a run cut by the clock ends
-    annealed."""
+    annealed. ``profile``: torch.profiler over five steps after the tenth (or the resumed step), its tables
+    of operator times (by device time, then host time) in output/profile.txt.
+
+    A step waits for nothing on the device: the batch and the ids reach it by non-blocking copies and the
+    image codes stay there, so the host prepares the next step while the device runs this one (a blocking copy
+    or a read-back is a barrier that serialises the two). ``data_wait_s`` in metrics.jsonl is the host's mean
+    time per step spent on getting the batch (rendering, on a CPU the tokenizer's encoding as well)."""
     from accelerate import Accelerator
 
     recipe = read_yaml(recipe_path)
@@ -223,12 +242,13 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     batches = (folder_batches(data, batch, data_seed, tokenizer.config.image_size, acc.process_index,
                               acc.num_processes) if data
                else training_batches(tr.get("world", "shapes"), batch, data_seed, tokenizer.config.image_size,
-                                     acc.process_index, paraphrase=True, exclude_combos=held, workers=data_workers))
+                                     acc.process_index, paraphrase=True, exclude_combos=held, workers=data_workers,
+                                     device=acc.device))
     if cache:
         coded = cached_codes(batches, tokenizer, cache, batch, seed + 31 + step + 1009 * acc.process_index,
                              acc.device, progress and acc.is_main_process)
     else:
-        coded = ((tokenizer.encode(x.to(acc.device)).cpu(), c) for x, c in batches)
+        coded = ((tokenizer.encode(x.to(acc.device, non_blocking=True)), c) for x, c in batches)
     vocab = model.vocab
     text_bytes = model.config.text_bytes
     boi, eoi = vocab.special("<boi>"), vocab.special("<eoi>")
@@ -241,7 +261,8 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     warmup = int(tr.get("warmup", 200))
     log_every = int(tr.get("log_every", 20))
     t_start = time.time()
-    tokens_seen = 0
+    tokens_seen, data_wait, profiler = 0, 0.0, None
+    profile_at = step + 10
 
     def save():
         if acc.is_main_process:
@@ -257,16 +278,25 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     see_data = caption_batches(see_batch, seed + 100 + step, tokenizer.config.image_size, acc.process_index,
                                held) if see_batch else None
     while step < steps:
+        if profile and acc.is_main_process and step == profile_at:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                              + ([torch.profiler.ProfilerActivity.CUDA]
+                                                 if acc.device.type == "cuda" else []))
+            profiler.start()
+        t_data = time.perf_counter()
         with torch.no_grad():
             codes, captions = next(coded)
-        drop = (torch.rand(len(captions), generator=gen) < drop_p).to(acc.device)
+        data_wait += time.perf_counter() - t_data
+        drop_cpu = torch.rand(len(captions), generator=gen) < drop_p
+        drop = drop_cpu.to(acc.device, non_blocking=True)
         start = torch.full((len(captions), 1), boi)
         if text_bytes:  # quoted text as bytes (dropped with the condition), the encoder reads the rest
             captions, slot, empty = split_prompts(captions, vocab, text_bytes)
-            start = torch.cat([torch.where(drop.cpu()[:, None], empty, slot), start], 1)
+            start = torch.cat([torch.where(drop_cpu[:, None], empty, slot), start], 1)
         with torch.no_grad():
-            ids = torch.cat([start, vocab.to_unified("image", codes.cpu()),
-                             torch.full((len(captions), 1), eoi)], 1).to(acc.device)
+            dev_codes = codes.to(acc.device, non_blocking=True)
+            ids = torch.cat([start.to(acc.device, non_blocking=True), vocab.to_unified("image", dev_codes, check=False),
+                             torch.full((len(captions), 1), eoi, device=acc.device)], 1)
             cond = text(captions)
         n_start = start.shape[1]
         lr_now = cosine_lr(step, steps, lr, warmup,
@@ -301,9 +331,14 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             el = time.time() - t_start
             extra_row = {"see_loss": see_loss.item()} if see_data is not None else {}
             metrics.log(step, minutes0, loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                        tokens_per_s=tokens_seen * acc.num_processes / max(el, 1e-9), **extra_row)
+                        tokens_per_s=tokens_seen * acc.num_processes / max(el, 1e-9),
+                        data_wait_s=data_wait / log_every, **extra_row)
+            data_wait = 0.0
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
+        if profiler is not None and step == profile_at + 5:
+            write_profile(profiler, out / "profile.txt", acc.device.type)
+            profiler = None
         out_of_time = past_time_limit(acc, t_start, max_minutes)
         if step % save_every == 0 or step == steps or out_of_time:
             save()

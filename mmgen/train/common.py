@@ -61,11 +61,14 @@ def save_train_state(directory: str | os.PathLike, model: torch.nn.Module, optim
 def past_time_limit(acc, start: float, max_minutes: float | None) -> bool:
     """Whether the run has used its ``max_minutes`` (wall clock since ``start``), decided the same on every
     process: each rank's own clock could stop one rank a step before another, whose next gradient all-reduce
-    would then wait forever. One all-gather of a flag per step, only when a limit is set."""
+    would then wait forever. One all-gather of a flag per step, only when a limit is set and there are
+    several processes."""
     if max_minutes is None:
         return False
-    flag = torch.tensor([float((time.time() - start) / 60 > max_minutes)], device=acc.device)
-    return bool(acc.gather(flag).max() > 0)
+    over = (time.time() - start) / 60 > max_minutes
+    if acc.num_processes == 1:  # nothing to agree on; a device tensor read back would wait for the queued kernels
+        return over
+    return bool(acc.gather(torch.tensor([float(over)], device=acc.device)).max() > 0)
 
 
 def check_time_schedule(time_schedule: bool, max_minutes: float | None, resume: bool) -> None:
@@ -80,8 +83,10 @@ def check_time_schedule(time_schedule: bool, max_minutes: float | None, resume: 
 def time_progress(acc, start: float, max_minutes: float) -> float:
     """The share of ``max_minutes`` used since ``start``, the largest over the processes, so every rank sets the
     same learning rate (each rank's own clock would let their weights drift apart)."""
-    share = torch.tensor([(time.time() - start) / (60 * max_minutes)], device=acc.device)
-    return float(acc.gather(share).max())
+    share = (time.time() - start) / (60 * max_minutes)
+    if acc.num_processes == 1:
+        return share
+    return float(acc.gather(torch.tensor([share], device=acc.device)).max())
 
 
 def should_resume(directory: str | os.PathLike, resume: bool) -> bool:

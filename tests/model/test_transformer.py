@@ -92,6 +92,7 @@ def test_vocabulary_ranges():
     assert v.to_local("image", v.to_unified("image", torch.tensor([0, 99]))).tolist() == [0, 99]
     with pytest.raises(ValueError):
         v.to_unified("image", torch.tensor([100]))
+    assert v.to_unified("image", torch.tensor([5]), check=False).tolist() == [277]  # trusted ids: no read-back
     with pytest.raises(KeyError):
         v.range("video")
     assert Vocabulary.from_dict(v.to_dict()) == v

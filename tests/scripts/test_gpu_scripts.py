@@ -1,6 +1,7 @@
 """The scripts that make a GPU run from this checkout (docs/ARCHITECTURE.md, "GPU runs"): the training script
 runs end to end here on the CPU at debug size and returns a model that loads, and the tree shrink that fits the
 device tool's 64 MiB is undone exactly (on a clone, never on this checkout's index)."""
+import json
 import os
 import shutil
 import subprocess
@@ -20,8 +21,8 @@ def test_gpu_train_script_returns_the_model_in_parts_that_rejoin(tmp_path):
     recipe["training"].update(batch_size=2, log_every=1, warmup=1)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
-    env = {**os.environ, "PY": sys.executable, "RECIPE": str(tmp_path / "r.yaml"), "MINUTES": "5", "STEPS": "2",
-           "WORKERS": "0", "PRECISION": "no", "OUT": str(out), "RUN": str(tmp_path / "run")}
+    env = {**os.environ, "PY": sys.executable, "RECIPE": str(tmp_path / "r.yaml"), "MINUTES": "5", "STEPS": "16",
+           "WORKERS": "0", "PRECISION": "no", "OUT": str(out), "RUN": str(tmp_path / "run"), "PROFILE": "1"}
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_train.sh"), "ar"], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -34,6 +35,10 @@ def test_gpu_train_script_returns_the_model_in_parts_that_rejoin(tmp_path):
     assert joined.keys() == saved.keys() and all(joined[k].dtype.is_floating_point is False or
                                                  (joined[k].float() - saved[k]).abs().max() < 1e-2 for k in saved)
     assert (out / "model_config.json").is_file() and (out / "metrics.jsonl").is_file()
+    profile = (out / "profile.txt").read_text()  # PROFILE=1: the operator tables of steps 11-15 come back too
+    assert "# by self host time" in profile and "aten::" in profile
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(r["data_wait_s"] > 0 for r in rows)
     parts[0].write_bytes(parts[0].read_bytes()[:-1])  # a damaged part is caught by parts.json, not loaded
     bad_join = subprocess.run(join + [str(tmp_path / "j2.safetensors")], capture_output=True, text=True)
     assert bad_join.returncode != 0 and "do not match" in bad_join.stderr
