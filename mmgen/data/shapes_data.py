@@ -15,28 +15,37 @@ import torch
 from mmgen.worlds import shapes
 
 
-def _image_batches(stream, batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Samples with ``.image`` (PIL) and ``.caption`` -> endless (images (b, 3, H, W) in [0, 1], captions)."""
+def _image_batches(stream, batch_size: int, uint8: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Samples with ``.image`` (PIL) and ``.caption`` -> endless (images (b, 3, H, W) in [0, 1], captions);
+    ``uint8``: the images as rendered, 0-255 (what worker processes pass on)."""
     while True:
         chunk = list(itertools.islice(stream, batch_size))
-        arr = np.stack([np.asarray(s.image) for s in chunk])
-        yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0, [s.caption for s in chunk]
+        x = torch.from_numpy(np.stack([np.asarray(s.image) for s in chunk])).permute(0, 3, 1, 2)
+        yield (x.contiguous() if uint8 else x.float() / 255.0), [s.caption for s in chunk]
 
 
 def world_batches(batch_size: int, seed: int, size: int = 64, paraphrase: bool = True,
-                  exclude_combos=shapes.HELD_OUT_COMBOS, rank: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                  exclude_combos=shapes.HELD_OUT_COMBOS, rank: int = 0,
+                  uint8: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Endless (images (b, 3, H, W) in [0, 1], captions) from the shapes world; each rank gets its own stream."""
     return _image_batches(shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=paraphrase,
-                                          exclude_combos=exclude_combos), batch_size)
+                                          exclude_combos=exclude_combos), batch_size, uint8)
 
 
 def text_world_batches(batch_size: int, seed: int, size: int = 256, paraphrase: bool = True,
-                       rank: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                       rank: int = 0, uint8: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Endless (images, captions) from the text world (long-text images) at a canvas of ``size``."""
     from mmgen.worlds import text
 
     return _image_batches(text.generate(None, seed=seed * 1000 + rank, canvas=size, paraphrase=paraphrase),
-                          batch_size)
+                          batch_size, uint8)
+
+
+def _in_process(world: str, batch_size: int, seed: int, size: int, rank: int, paraphrase: bool, exclude_combos,
+                uint8: bool = False):
+    if world == "shapes":
+        return world_batches(batch_size, seed, size, paraphrase, exclude_combos, rank, uint8)
+    return text_world_batches(batch_size, seed, size, paraphrase, rank, uint8)
 
 
 WORKER_RANK_STRIDE = 100  # worker w of rank r renders rank r + 100 (w + 1)'s stream (fewer than 100 ranks)
@@ -54,7 +63,7 @@ class _WorldStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         kw = dict(self.kwargs)
         kw["rank"] += WORKER_RANK_STRIDE * ((info.id if info is not None else 0) + 1)
-        return ((x.mul(255).round().to(torch.uint8), c) for x, c in training_batches(**kw))
+        return _in_process(**kw, uint8=True)
 
 
 def training_batches(world: str, batch_size: int, seed: int, size: int, rank: int = 0, paraphrase: bool = True,
@@ -77,10 +86,7 @@ def training_batches(world: str, batch_size: int, seed: int, size: int, rank: in
         pin = device is not None and torch.device(device).type == "cuda"
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin)
         return ((_arrive(x, device).float() / 255.0, c) for x, c in loader)
-    if world == "shapes":
-        batches = world_batches(batch_size, seed, size, paraphrase, exclude_combos, rank)
-    else:
-        batches = text_world_batches(batch_size, seed, size, paraphrase, rank)
+    batches = _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos)
     return batches if device is None else ((_arrive(x, device), c) for x, c in batches)
 
 
