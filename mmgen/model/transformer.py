@@ -41,6 +41,7 @@ class ARConfig:
     shuffle_window: int = 1       # Token-Shuffle window s (1: one position per token, the plain model)
     shuffle_grid: tuple = (0, 0)  # the image token grid (H, W) the windows tile; set from the tokenizer
     text_bytes: int = 0           # quoted prompt text as byte tokens, a slot of this many bytes (0: off)
+    byte_index: bool = False      # add a learnt embedding of each quoted byte's index in its text (see embed)
     image_head: str = "full"      # "full": a learnt logit row per image id; "bitwise": one logit per bit of the id
     image_bits: int = 0           # bitwise head: B, the image range holding 2^B ids (set from the tokenizer)
 
@@ -114,6 +115,11 @@ class MMGenTransformer(nn.Module):
         self.head_dim = d // config.num_heads
         self.shuffle = (TokenShuffle(d, config.shuffle_window, tuple(config.shuffle_grid))
                         if config.shuffle_window > 1 else None)
+        if config.byte_index:
+            if config.text_bytes <= 0:
+                raise ValueError("byte_index numbers the quoted text's bytes: it needs text_bytes > 0")
+            self.byte_index_embed = nn.Embedding(config.text_bytes, d)
+            nn.init.zeros_(self.byte_index_embed.weight)  # starts as the model without it
 
     @property
     def tokens_per_step(self) -> int:
@@ -141,8 +147,20 @@ class MMGenTransformer(nn.Module):
         return torch.where(keep[..., None], proj, null) + self.modality_embed.weight[0]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Unified ids (b, t) -> token + modality embeddings (b, t, d)."""
-        return self.llama.embed_tokens(ids) + self.modality_embed(1 + self.vocab.modality_of(ids))
+        """Unified ids (b, t) -> token + modality embeddings (b, t, d).
+
+        With ``byte_index`` each byte also gets a learnt embedding of its index among the row's bytes, i.e. in
+        the quoted text (0 for its first byte): the slot is left-padded, so rotary positions alone tell an image
+        position how far back a byte lies, not which letter of the text it is; the index lets attention find
+        "letter k" by content. Only for rows whose bytes are the quoted text (the draw task; training refuses
+        it with captions as bytes)."""
+        x = self.llama.embed_tokens(ids) + self.modality_embed(1 + self.vocab.modality_of(ids))
+        if self.config.byte_index and ids.dim() == 2:
+            lo, hi = self.vocab.range("byte")
+            is_byte = (ids >= lo) & (ids < hi)
+            index = (is_byte.long().cumsum(1) - 1).clamp(0, self.config.text_bytes - 1)
+            x = x + self.byte_index_embed(index) * is_byte[..., None]
+        return x
 
     def embed_step(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids written by one sampling step -> input embeddings: (b,) -> (b, 1, d), or with Token-Shuffle a

@@ -275,6 +275,9 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         acc.wait_for_everyone()
 
     see_batch = int(tr.get("see_batch", 0))
+    if see_batch and model.config.byte_index:
+        raise ValueError("architecture.byte_index numbers the quoted text's bytes; the see task writes captions as "
+                         "bytes, which it would number too: use one of them")
     see_data = caption_batches(see_batch, seed + 100 + step, tokenizer.config.image_size, acc.process_index,
                                held) if see_batch else None
     while step < steps:
