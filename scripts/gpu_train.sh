@@ -45,7 +45,10 @@ if [ "${shm:-0}" -lt 2048 ]; then WORKERS=0; fi  # DataLoader workers pass pages
 import json, os, torch
 print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(),
                   "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                  "cpus": os.cpu_count()}))
+                  "cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+                  # a cgroup quota can give the workers fewer cores than cpus says ("max" or quota/period)
+                  "cpu_max": open("/sys/fs/cgroup/cpu.max").read().strip()
+                  if os.path.exists("/sys/fs/cgroup/cpu.max") else None}))
 PY
 echo "workers $WORKERS, /dev/shm ${shm:-?} MB free"
 
