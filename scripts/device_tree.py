@@ -131,8 +131,30 @@ def restore() -> None:
     print("restored" + (f"; git status still shows:\n{left}" if left.strip() else ""))
 
 
+PART_BYTES = 15 * 2**20  # a file the device tool returns may be 16 MiB
+
+
+def write_parts(data: bytes, folder: str | Path, stem: str) -> list[str]:
+    """``data`` -> ``folder``/``stem``.part0.. of at most PART_BYTES, then parts.json (sizes, sha256), written
+    last, so parts without it are an incomplete set; earlier parts of ``stem`` are removed first."""
+    import hashlib
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "parts.json").unlink(missing_ok=True)
+    for old in folder.glob(f"{stem}.part*"):
+        old.unlink()
+    names = [f"{stem}.part{i // PART_BYTES}" for i in range(0, len(data), PART_BYTES)]
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(data[i * PART_BYTES:(i + 1) * PART_BYTES])
+    (folder / "parts.json").write_text(json.dumps({"parts": names, "bytes": len(data),
+                                                   "sha256": hashlib.sha256(data).hexdigest()}))
+    return names
+
+
 def join(folder: str, dest: str) -> None:
-    """The parts scripts/gpu_train.sh returned -> one safetensors file, checked against parts.json."""
+    """Parts that write_parts made (scripts/gpu_train.sh, split) -> one file, checked against parts.json."""
     import hashlib
     import json
 
@@ -152,7 +174,9 @@ if __name__ == "__main__":
     verbs = {"prepare": prepare, "shrink": shrink, "restore": restore, "size": size}
     if len(sys.argv) == 4 and sys.argv[1] == "join":
         join(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "split":  # FILE OUT: FILE as OUT/<name>.part* + parts.json
+        write_parts(Path(sys.argv[2]).read_bytes(), sys.argv[3], Path(sys.argv[2]).name)
     elif len(sys.argv) != 2 or sys.argv[1] not in verbs:
-        raise SystemExit(f"usage: python scripts/device_tree.py {{{','.join(verbs)}}} | join OUT DEST.safetensors")
+        raise SystemExit(f"usage: python scripts/device_tree.py {{{','.join(verbs)}}} | join OUT DEST | split FILE OUT")
     else:
         verbs[sys.argv[1]]()

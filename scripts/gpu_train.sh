@@ -54,10 +54,12 @@ echo "workers $WORKERS, /dev/shm ${shm:-?} MB free"
 
 export_model() {  # the latest saved pipeline -> fp16 parts under OUT (each file that comes back is <= 16 MiB)
   "$PY" - "$RUN" "$OUT" "$PART" <<'PY'
-import hashlib, json, shutil, sys
+import shutil, sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
+sys.path.insert(0, "scripts")
+from device_tree import write_parts
 run, out, kind = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 src = run / "pipeline" / "model" if kind == "model" else run / "tokenizer"
 if not (src / "model.safetensors").exists():
@@ -65,15 +67,8 @@ if not (src / "model.safetensors").exists():
 w = load_file(str(src / "model.safetensors"))
 if kind == "model":
     w = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in w.items()}
-data, size = save(w, metadata={"format": "pt"}), 15 * 2**20
-(out / "parts.json").unlink(missing_ok=True)  # written last: parts without it are an incomplete set
-for old in out.glob("model.safetensors.part*"):
-    old.unlink()
-names = [f"model.safetensors.part{i // size}" for i in range(0, len(data), size)]
-for i, name in enumerate(names):
-    (out / name).write_bytes(data[i * size:(i + 1) * size])
-(out / "parts.json").write_text(json.dumps({"parts": names, "bytes": len(data),
-                                            "sha256": hashlib.sha256(data).hexdigest()}))
+data = save(w, metadata={"format": "pt"})
+write_parts(data, out, "model.safetensors")
 shutil.copy(src / "config.json", out / "model_config.json")
 for name in ("metrics.jsonl", "profile.txt"):
     if (run / name).exists():

@@ -47,6 +47,32 @@ def test_gpu_train_script_returns_the_model_in_parts_that_rejoin(tmp_path):
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs tar")
+def test_gpu_ab_script_returns_both_arms_in_one_checked_tar(tmp_path):
+    recipe = yaml.safe_load((ROOT / "recipes" / "text_ar_ts4_gpu_byte_index.yaml").read_text())
+    recipe["architecture"]["size"] = "debug"
+    recipe["training"].update(batch_size=2, log_every=1, warmup=1)
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(recipe))
+    recipe["architecture"]["byte_index"] = False
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    env = {**os.environ, "PY": sys.executable, "A": str(tmp_path / "a.yaml"), "B": str(tmp_path / "b.yaml"),
+           "MINUTES": "5", "STEPS": "2", "WORKERS": "0", "PRECISION": "no", "OUT": str(out)}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_ab.sh")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "arm b rc 0" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(list(out.iterdir())) <= 8 and (out / "ab.log").is_file()
+    tree = [sys.executable, str(ROOT / "scripts" / "device_tree.py")]
+    subprocess.run(tree + ["join", str(out), str(tmp_path / "ab.tar")], check=True, capture_output=True)
+    subprocess.run(["tar", "-xf", str(tmp_path / "ab.tar"), "-C", str(tmp_path)], check=True)
+    for arm, byte_index in (("a", False), ("b", True)):
+        subprocess.run(tree + ["join", str(tmp_path / arm), str(tmp_path / f"{arm}.safetensors")], check=True,
+                       capture_output=True)
+        config = json.loads((tmp_path / arm / "model_config.json").read_text())
+        assert config["byte_index"] is byte_index
+        assert ("byte_index_embed.weight" in load_file(str(tmp_path / f"{arm}.safetensors"))) is byte_index
+
+
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs git and a checkout")
 def test_device_tree_shrink_fits_the_limit_and_restore_undoes_it(tmp_path):
     clone = tmp_path / "clone"
