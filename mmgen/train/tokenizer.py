@@ -91,7 +91,7 @@ TOKENIZER_RECIPE_SECTIONS = {"type": None, "architecture": None, "codebook": Non
                              "data": {"world"},
                              "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "edge_weight",
                                           "l1_weight", "gradient_weight", "crop", "crop_candidates", "restart_every",
-                                          "unquantized_warmup", "save_every", "log_every", "seed"}}
+                                          "unquantized_warmup", "save_every", "log_every", "seed", "train_only"}}
 
 
 def tokenizer_type(recipe: dict) -> tuple:
@@ -135,6 +135,21 @@ def init_from(tok, directory: str) -> None:
     tok.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
 
 
+def trainable_parameters(tok, train_only: str | None) -> list:
+    """The parameters a run updates: all, or with ``training.train_only: decoder`` the decoder's alone. The
+    encoder, projector and bits then stay as they are, so every image keeps its ids, and an AR model trained
+    over them draws with the new decoder unchanged; the frozen part builds no autograd graph."""
+    if train_only is None:
+        return list(tok.parameters())
+    if train_only != "decoder":
+        raise ValueError(f"training.train_only must be 'decoder' (or absent: train everything), got {train_only!r}")
+    if not hasattr(tok, "decoder"):
+        raise ValueError(f"training.train_only: decoder needs a tokenizer with a decoder; {type(tok).__name__} has none")
+    for name, p in tok.named_parameters():
+        p.requires_grad_(name.startswith("decoder."))
+    return list(tok.decoder.parameters())
+
+
 def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
                     data: str | None = None, seed: int | None = None, save_every: int | None = None,
                     progress: bool = True, max_minutes: float | None = None, init: str | None = None,
@@ -168,7 +183,8 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
             raise ValueError("--init starts a new run from a tokenizer's weights; --resume continues a run: "
                              "give one of them")
         init_from(tok, init)
-    opt = torch.optim.AdamW(tok.parameters(), lr=float(tr.get("lr", 2e-3)), betas=(0.9, 0.99),
+    trained = trainable_parameters(tok, tr.get("train_only"))
+    opt = torch.optim.AdamW(trained, lr=float(tr.get("lr", 2e-3)), betas=(0.9, 0.99),
                             weight_decay=float(tr.get("weight_decay", 0.0)))
     state_dir = out / "train_state"
     step, extra = 0, {}
@@ -191,7 +207,10 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     if grad_w < 0:
         raise ValueError(f"training.gradient_weight must be at least 0, got {grad_w}")
     restart_every = int(tr.get("restart_every", 20))
-    has_codebook = hasattr(tok.quantizer, "restart_dead_codes")  # the VQ; the binary quantiser has none
+    if tr.get("train_only") and not from_init:
+        raise ValueError("training.train_only: decoder fine-tunes a trained tokenizer's decoder: start it with --init")
+    # the VQ's codebook (the binary quantiser has none); frozen with the encoder under train_only, so no restarts
+    has_codebook = hasattr(tok.quantizer, "restart_dead_codes") and not tr.get("train_only")
     # a codebook warms up unquantised and is then reseeded from the latents; one started from trained weights
     # (--init) is already in use, and reseeding every code one batch missed would throw much of it away
     warm = int(tr.get("unquantized_warmup", 300 if has_codebook and not from_init else 0))

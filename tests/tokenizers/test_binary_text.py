@@ -213,6 +213,31 @@ def test_training_can_start_from_a_trained_tokenizer(tmp_path):
         train_tokenizer(str(other), str(tmp_path / "c"), init=str(first), progress=False)
 
 
+def test_decoder_only_training_keeps_every_id(tmp_path):
+    from mmgen.data.shapes_data import text_world_batches
+    from mmgen.train.tokenizer import train_tokenizer
+
+    recipe = {"type": "binary_text", "architecture": {"size": "debug"}, "data": {"world": "text"},
+              "training": {"steps": 2, "batch_size": 2, "warmup": 1, "crop": 32}}
+    (tmp_path / "bt.yaml").write_text(yaml.safe_dump(recipe))
+    first = train_tokenizer(str(tmp_path / "bt.yaml"), str(tmp_path / "a"), progress=False)
+    recipe["training"].update(train_only="decoder", steps=3, crop=0, lr=0.01)  # whole pages
+    (tmp_path / "dec.yaml").write_text(yaml.safe_dump(recipe))
+    tuned = train_tokenizer(str(tmp_path / "dec.yaml"), str(tmp_path / "b"), init=str(first), progress=False)
+    before, after = load_tokenizer(first), load_tokenizer(tuned)
+    a, b = before.state_dict(), after.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    pages, _ = next(text_world_batches(3, seed=11, size=before.config.image_size))
+    assert torch.equal(before.encode(pages), after.encode(pages))  # the AR model's ids are the same
+    with pytest.raises(ValueError, match="--init"):
+        train_tokenizer(str(tmp_path / "dec.yaml"), str(tmp_path / "c"), progress=False)
+    recipe["training"]["train_only"] = "encoder"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="train_only must be"):
+        train_tokenizer(str(tmp_path / "bad.yaml"), str(tmp_path / "d"), init=str(first), progress=False)
+
+
 def test_a_tokenizer_on_a_larger_canvas_keeps_its_codec_and_maps_positions_to_the_same_page_place():
     tok = _tok()  # 64x64 pages, 8x8 grid
     g = 8

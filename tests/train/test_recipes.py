@@ -82,7 +82,7 @@ def test_a_second_stage_recipe_keeps_the_architecture_it_starts_from():
     first = yaml.safe_load((ROOT / "tokenizers" / "binary_text.yaml").read_text())
     for later in ("binary_text_stage2.yaml", "binary_text_stage3.yaml", "binary_text_stage3_gpu.yaml",
                   "binary_text_pages.yaml",
-                  "binary_text_pages_lowent.yaml", "binary_text_pages_flat.yaml"):
+                  "binary_text_pages_lowent.yaml", "binary_text_pages_flat.yaml", "binary_text_decoder_pages.yaml"):
         second = yaml.safe_load((ROOT / "tokenizers" / later).read_text())
         assert first["type"] == second["type"] and first["architecture"] == second["architecture"], later
 
