@@ -13,13 +13,19 @@ A=${A:-recipes/text_ar_ts4_gpu.yaml}
 B=${B:-recipes/text_ar_ts4_gpu_byte_index.yaml}
 OUT=${OUT:-runs/gpu_out}
 PY=${PY:-python3}
-WORK=$(mktemp -d)
-mkdir -p "$OUT" "$WORK/arms"
+WORK=$(mktemp -d) || exit 1
+mkdir -p "$OUT" "$WORK/arms" || exit 1
 rm -f "$OUT"/ab.tar.part* "$OUT/parts.json" "$OUT/ab.log"  # never return an earlier run's files
-pack() {  # the arms finished so far -> OUT/ab.tar.part* + parts.json (train.log stays out: progress bars)
-  tar -cf "$WORK/ab.tar" -C "$WORK/arms" --exclude=train.log --exclude=train_workers.log . \
-    && "$PY" scripts/device_tree.py split "$WORK/ab.tar" "$OUT"
+pack() {  # the arms' exports so far -> OUT/ab.tar.part* + parts.json (train.log stays out: progress bars)
+  tar -cf "$WORK/ab.tar" -C "$WORK/arms" --exclude=train.log --exclude=train_workers.log . || return 1
+  local bytes; bytes=$(stat -c %s "$WORK/ab.tar")
+  if [ "$bytes" -gt $(( 6 * 15 * 2**20 )) ]; then  # 6 parts + parts.json + ab.log: the 8 files that come back
+    echo "the arms' exports are $bytes bytes, more than 6 parts of 15 MiB: use smaller models" >&2; return 1
+  fi
+  "$PY" scripts/device_tree.py split "$WORK/ab.tar" "$OUT"
 }
+# killed at the call's time limit: return what the arms have exported (gpu_train.sh exports every 90 s)
+trap 'pack; exit 143' TERM
 rc=0
 for arm in a b; do
   recipe=$A; [ "$arm" = b ] && recipe=$B

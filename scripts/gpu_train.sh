@@ -9,7 +9,9 @@
 # .device/) and PROFILE=1 (torch.profiler tables of five steps in profile.txt). What comes back, at most
 # 8 files of <= 16 MiB:
 # model.safetensors.part0.. (the AR model, fp16, split; the tokenizer whole, fp32) and parts.json (written
-# last: sizes and sha256), model_config.json, metrics.jsonl, train.log. Join them here with
+# last: sizes and sha256), model_config.json, metrics.jsonl, train.log (and profile.txt with PROFILE=1,
+# train_workers.log when rendering in workers failed: with both, a medium model's 3 parts make 9 files, one
+# too many; profile in a short run of its own). Join them here with
 # python scripts/device_tree.py join OUT DEST.safetensors (it checks parts.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -27,14 +27,16 @@ def _image_batches(stream, batch_size: int, uint8: bool = False) -> Iterator[tup
 def world_batches(batch_size: int, seed: int, size: int = 64, paraphrase: bool = True,
                   exclude_combos=shapes.HELD_OUT_COMBOS, rank: int = 0,
                   uint8: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Endless (images (b, 3, H, W) in [0, 1], captions) from the shapes world; each rank gets its own stream."""
+    """Endless (images (b, 3, H, W) in [0, 1], or 0-255 with ``uint8``, captions) from the shapes world; each
+    rank gets its own stream."""
     return _image_batches(shapes.generate(None, seed=seed * 1000 + rank, size=size, paraphrase=paraphrase,
                                           exclude_combos=exclude_combos), batch_size, uint8)
 
 
 def text_world_batches(batch_size: int, seed: int, size: int = 256, paraphrase: bool = True,
                        rank: int = 0, uint8: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Endless (images, captions) from the text world (long-text images) at a canvas of ``size``."""
+    """Endless (images, captions) from the text world (long-text images) at a canvas of ``size``; images as in
+    ``world_batches``."""
     from mmgen.worlds import text
 
     return _image_batches(text.generate(None, seed=seed * 1000 + rank, canvas=size, paraphrase=paraphrase),
@@ -73,9 +75,9 @@ def training_batches(world: str, batch_size: int, seed: int, size: int, rank: in
 
     ``workers`` > 0 renders them in that many DataLoader processes (for an accelerator that one CPU process
     cannot feed); each worker has its own stream, so the batches differ from the in-process ones (0).
-    ``device``: the images arrive there, copied without waiting on the device's queue (from pinned memory on
-    CUDA, as uint8 from workers, made float on the device): a blocking copy would make the training loop wait
-    for the previous step's kernels before it could prepare the next."""
+    ``device``: the images arrive there as uint8 (0-255, what a tokenizer's ``encode`` takes), copied without
+    waiting on the device's queue (from pinned memory on CUDA): a blocking copy would make the training loop
+    wait for the previous step's kernels before it could prepare the next."""
     if world not in ("shapes", "text"):
         raise ValueError(f"unknown training world {world!r}: shapes or text")
     if workers < 0:
@@ -85,8 +87,8 @@ def training_batches(world: str, batch_size: int, seed: int, size: int, rank: in
                               paraphrase=paraphrase, exclude_combos=exclude_combos)
         pin = device is not None and torch.device(device).type == "cuda"
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin)
-        return ((_arrive(x, device).float() / 255.0, c) for x, c in loader)
-    batches = _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos)
+        return ((_arrive(x, device), c) if device is not None else (x.float() / 255.0, c) for x, c in loader)
+    batches = _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos, uint8=device is not None)
     return batches if device is None else ((_arrive(x, device), c) for x, c in batches)
 
 

@@ -19,6 +19,7 @@ NUM_BYTES = 256
 class Vocabulary:
     """ranges maps a modality name to (start, size); sizes of media ranges are their tokenizers' vocab sizes."""
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _starts: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> range starts
 
     @classmethod
     def build(cls, media: dict[str, int]) -> "Vocabulary":
@@ -66,7 +67,9 @@ class Vocabulary:
         """Per id, the index (in ``ranges`` order) of the modality it belongs to."""
         import torch
 
-        starts = torch.tensor([s for s, _ in self.ranges.values()], device=ids.device)
+        starts = self._starts.get(ids.device)
+        if starts is None:  # once per device: a fresh copy each call would wait for the device's queued kernels
+            starts = self._starts[ids.device] = torch.tensor([s for s, _ in self.ranges.values()], device=ids.device)
         return torch.bucketize(ids.contiguous(), starts, right=True) - 1  # ranges are contiguous and ordered by start
 
     def to_dict(self) -> dict:

@@ -41,6 +41,9 @@ class ImageToTextPipeline:
                                   "lists no 'see' task); use one trained on both directions, e.g. checkpoints/seed")
         if model.tokens_per_step != 1:
             raise CheckpointError("captioning reads image tokens one position each: this model uses Token-Shuffle")
+        if model.config.byte_index:
+            raise CheckpointError("this model numbers quoted-text bytes (byte_index), so it cannot write captions as "
+                                  "bytes")
         self.tokenizer, self.model = tokenizer.eval(), model.eval()
 
     @classmethod

@@ -134,12 +134,16 @@ class BinaryTextTokenizer(GridImageTokenizer):
     @torch.no_grad()
     def encode(self, images, chunk: int | None = None) -> torch.Tensor:
         """Images -> (b, h * w) ids in [0, 2^B), row-major; ``chunk`` images at a time (the projector gathers
-        each token's window: about 0.2 GB per 256x256 page at the base size). Default: 4 on the CPU, 64 on an
-        accelerator, whose time would otherwise go on launching the same kernels for each small chunk."""
+        each token's window: about 0.2 GB per 256x256 page at the base size). Default: 4 on the CPU; on an
+        accelerator, whose time would otherwise go on launching the same kernels for each small chunk, 64
+        256x256 pages' worth of pixels (about 13 GB)."""
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be at least 1 image, got {chunk}")
         x = images_to_tensor(images).to(self.device)
         self._check(x)
-        chunk = chunk or (4 if x.device.type == "cpu" else 64)
-        ids = [self.quantizer(self.latents(part)).ids for part in x.split(chunk)]
+        if chunk is None:
+            chunk = 4 if x.device.type == "cpu" else max(1, 64 * 256 * 256 // (x.shape[-2] * x.shape[-1]))
+        ids = [self.quantizer.ids(self.latents(part)) for part in x.split(chunk)]
         return rearrange(torch.cat(ids), "b h w -> b (h w)")
 
     def code_vectors(self) -> torch.Tensor:

@@ -116,7 +116,7 @@ class BinaryQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """z (b, B, h, w) -> +-1 codes (straight-through), ids (b, h, w) in [0, 2^B), loss, perplexity."""
         q = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
-        ids = ((q > 0).long() * self.powers.view(1, -1, 1, 1)).sum(1)
+        ids = self.ids(z)
         commit = F.mse_loss(z, q.detach())
         p = torch.sigmoid(4 * z / self.temperature)                           # (b, B, h, w): p(bit = 1)
         sample_h = self._bit_entropy(p).sum(1).mean()
@@ -127,6 +127,11 @@ class BinaryQuantizer(nn.Module):
             probs = counts / counts.sum()
             perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         return QuantizerOutput(z + (q - z).detach(), ids, loss, perplexity)
+
+    def ids(self, z: torch.Tensor) -> torch.Tensor:
+        """z (b, B, h, w) -> ids (b, h, w): the sign bits alone, without forward's losses and code counts
+        (what encoding needs; the counts' bincount would also read a value back from an accelerator)."""
+        return ((z > 0).long() * self.powers.view(1, -1, 1, 1)).sum(1)
 
     def batch_entropy(self, p: torch.Tensor) -> torch.Tensor:
         """Entropy of the mean code distribution of bit probabilities p (b, B, h, w), summed over groups of

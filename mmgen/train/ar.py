@@ -185,10 +185,12 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     annealed. ``profile``: torch.profiler over five steps after the tenth (or the resumed step), its tables
     of operator times (by device time, then host time) in output/profile.txt.
 
-    A step waits for nothing on the device: the batch and the ids reach it by non-blocking copies and the
-    image codes stay there, so the host prepares the next step while the device runs this one (a blocking copy
-    or a read-back is a barrier that serialises the two). ``data_wait_s`` in metrics.jsonl is the host's mean
-    time per step spent on getting the batch (rendering, on a CPU the tokenizer's encoding as well)."""
+    On an accelerator the step's own code reads nothing back from the device: the pages (uint8) and the ids
+    reach it by non-blocking copies and the image codes stay there, so the host can prepare the next step
+    while the device runs this one (a blocking copy or a read-back is a barrier that serialises the two). The
+    sentence encoder's attention mask (transformers) may still be one such barrier. ``data_wait_s`` in
+    metrics.jsonl is the host's mean time per step spent waiting for the next batch of pages (or of cached
+    codes), the encoding not included."""
     from accelerate import Accelerator
 
     recipe = read_yaml(recipe_path)
@@ -215,6 +217,9 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     for p in tokenizer.parameters():
         p.requires_grad_(False)
     model = build_model(recipe, tokenizer)
+    if int(tr.get("see_batch", 0)) and model.config.byte_index:
+        raise ValueError("architecture.byte_index numbers the quoted text's bytes; the see task writes captions as "
+                         "bytes, which it would number too: use one of them")
     state_dir = out / "train_state"
     if init is not None:
         if resume:
@@ -244,11 +249,11 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
                else training_batches(tr.get("world", "shapes"), batch, data_seed, tokenizer.config.image_size,
                                      acc.process_index, paraphrase=True, exclude_combos=held, workers=data_workers,
                                      device=acc.device))
-    if cache:
+    if cache:  # batches of codes, encoded once
         coded = cached_codes(batches, tokenizer, cache, batch, seed + 31 + step + 1009 * acc.process_index,
                              acc.device, progress and acc.is_main_process)
-    else:
-        coded = ((tokenizer.encode(x.to(acc.device, non_blocking=True)), c) for x, c in batches)
+    else:  # batches of pages, encoded each step
+        coded = batches
     vocab = model.vocab
     text_bytes = model.config.text_bytes
     boi, eoi = vocab.special("<boi>"), vocab.special("<eoi>")
@@ -275,9 +280,6 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         acc.wait_for_everyone()
 
     see_batch = int(tr.get("see_batch", 0))
-    if see_batch and model.config.byte_index:
-        raise ValueError("architecture.byte_index numbers the quoted text's bytes; the see task writes captions as "
-                         "bytes, which it would number too: use one of them")
     see_data = caption_batches(see_batch, seed + 100 + step, tokenizer.config.image_size, acc.process_index,
                                held) if see_batch else None
     while step < steps:
@@ -287,9 +289,10 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
                                                  if acc.device.type == "cuda" else []))
             profiler.start()
         t_data = time.perf_counter()
-        with torch.no_grad():
-            codes, captions = next(coded)
+        item, captions = next(coded)
         data_wait += time.perf_counter() - t_data
+        with torch.no_grad():
+            codes = item if cache else tokenizer.encode(item.to(acc.device, non_blocking=True))
         drop_cpu = torch.rand(len(captions), generator=gen) < drop_p
         drop = drop_cpu.to(acc.device, non_blocking=True)
         start = torch.full((len(captions), 1), boi)
@@ -349,4 +352,6 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             log.info("stopping at step %d: %s minutes reached", step, max_minutes)
             break
     bar.close()
+    if profiler is not None:  # the run ended inside the profiled steps
+        write_profile(profiler, out / "profile.txt", acc.device.type)
     return out / "pipeline"

@@ -65,10 +65,7 @@ def past_time_limit(acc, start: float, max_minutes: float | None) -> bool:
     several processes."""
     if max_minutes is None:
         return False
-    over = (time.time() - start) / 60 > max_minutes
-    if acc.num_processes == 1:  # nothing to agree on; a device tensor read back would wait for the queued kernels
-        return over
-    return bool(acc.gather(torch.tensor([float(over)], device=acc.device)).max() > 0)
+    return _largest_over_processes(acc, float((time.time() - start) / 60 > max_minutes)) > 0
 
 
 def check_time_schedule(time_schedule: bool, max_minutes: float | None, resume: bool) -> None:
@@ -83,10 +80,15 @@ def check_time_schedule(time_schedule: bool, max_minutes: float | None, resume: 
 def time_progress(acc, start: float, max_minutes: float) -> float:
     """The share of ``max_minutes`` used since ``start``, the largest over the processes, so every rank sets the
     same learning rate (each rank's own clock would let their weights drift apart)."""
-    share = (time.time() - start) / (60 * max_minutes)
+    return _largest_over_processes(acc, (time.time() - start) / (60 * max_minutes))
+
+
+def _largest_over_processes(acc, value: float) -> float:
+    """The largest ``value`` over the processes; alone, the value itself (a device tensor read back would wait
+    for the queued kernels)."""
     if acc.num_processes == 1:
-        return share
-    return float(acc.gather(torch.tensor([share], device=acc.device)).max())
+        return value
+    return float(acc.gather(torch.tensor([value], device=acc.device)).max())
 
 
 def should_resume(directory: str | os.PathLike, resume: bool) -> bool:

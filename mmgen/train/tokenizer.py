@@ -144,7 +144,8 @@ def trainable_parameters(tok, train_only: str | None) -> list:
     if train_only != "decoder":
         raise ValueError(f"training.train_only must be 'decoder' (or absent: train everything), got {train_only!r}")
     if not hasattr(tok, "decoder"):
-        raise ValueError(f"training.train_only: decoder needs a tokenizer with a decoder; {type(tok).__name__} has none")
+        raise ValueError(f"training.train_only: decoder needs a tokenizer with a decoder; "
+                         f"{type(tok).__name__} has none")
     for name, p in tok.named_parameters():
         p.requires_grad_(name.startswith("decoder."))
     return list(tok.decoder.parameters())

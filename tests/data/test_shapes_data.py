@@ -28,11 +28,12 @@ def test_world_batches_rendered_in_worker_processes():
             want_x, want_captions = next(own)
             assert x.dtype == torch.float32 and torch.equal(x, want_x) and captions == want_captions
     assert len({tuple(c) for _, c in batches}) == 4
-    # with a device the same batches arrive there (here the CPU: the path a GPU run takes, minus the pinning)
+    # with a device the same batches arrive there as uint8 (here the CPU: a GPU run's path, minus the pinning)
     on_device = training_batches("text", 2, seed=3, size=128, workers=2, device="cpu")
-    assert all(torch.equal(next(on_device)[0], x) for x, _ in batches[:2])
+    assert all(torch.equal(next(on_device)[0].float() / 255.0, x) for x, _ in batches[:2])
     x, _ = next(training_batches("text", 2, seed=3, size=128, device="cpu"))
-    assert torch.equal(x, next(training_batches("text", 2, seed=3, size=128))[0])
+    assert x.dtype == torch.uint8
+    assert torch.equal(x.float() / 255.0, next(training_batches("text", 2, seed=3, size=128))[0])
     with pytest.raises(ValueError, match="workers"):
         training_batches("text", 2, seed=3, size=128, workers=-1)
     with pytest.raises(ValueError, match="unknown training world"):

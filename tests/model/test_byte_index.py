@@ -53,13 +53,18 @@ def test_starts_as_the_model_without_it_and_samples_as_it_trains():
 
 
 def test_refused_without_a_byte_slot_and_with_the_see_task(tmp_path):
+    from mmgen.pipelines.image_to_text import ImageToTextPipeline
+    from mmgen.tokenizers.base import CheckpointError
+    from tests.conftest import make_debug_tokenizer as tok
+
+    with pytest.raises(CheckpointError, match="byte_index"):
+        ImageToTextPipeline(tok(), _model(True), tasks=("draw", "see"))
     with pytest.raises(ValueError, match="text_bytes"):
         MMGenTransformer(ARConfig(**{**AR_CONFIGS["debug"].__dict__, "byte_index": True,
                                      "vocab": Vocabulary.build({"image": 64}).to_dict()}))
     from mmgen.train.ar import train_ar
-    from tests.conftest import make_debug_tokenizer
 
-    make_debug_tokenizer().save_pretrained(tmp_path / "tok")
+    tok().save_pretrained(tmp_path / "tok")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"architecture": {"size": "debug", "text_bytes": 16, "byte_index": True},
                                       "training": {"steps": 1, "batch_size": 2, "see_batch": 2}}))

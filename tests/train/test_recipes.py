@@ -87,6 +87,14 @@ def test_a_second_stage_recipe_keeps_the_architecture_it_starts_from():
         assert first["type"] == second["type"] and first["architecture"] == second["architecture"], later
 
 
+def test_the_byte_index_arm_differs_from_the_gpu_recipe_only_there():
+    """The A/B (scripts/gpu_ab.sh) is only fair while the two recipes agree on everything else."""
+    a, b = (yaml.safe_load((ROOT / "recipes" / n).read_text())
+            for n in ("text_ar_ts4_gpu.yaml", "text_ar_ts4_gpu_byte_index.yaml"))
+    assert b["architecture"].pop("byte_index") is True and "byte_index" not in a["architecture"]
+    assert a == b
+
+
 def test_the_512_text_recipe_can_start_from_the_256_one():
     """recipes/text_ar_512_ts4.yaml is trained with --init from checkpoints/text, a text_ar_ts4_gpu.yaml run: the
     same weights."""
