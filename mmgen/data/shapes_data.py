@@ -86,14 +86,14 @@ def training_batches(world: str, batch_size: int, seed: int, size: int, rank: in
         stream = _WorldStream(world=world, batch_size=batch_size, seed=seed, size=size, rank=rank,
                               paraphrase=paraphrase, exclude_combos=exclude_combos)
         pin = device is not None and torch.device(device).type == "cuda"
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin)
-        return ((_arrive(x, device), c) if device is not None else (x.float() / 255.0, c) for x, c in loader)
-    batches = _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos, uint8=device is not None)
-    return batches if device is None else ((_arrive(x, device), c) for x, c in batches)
-
-
-def _arrive(x: torch.Tensor, device) -> torch.Tensor:
-    return x if device is None else x.to(device, non_blocking=True)
+        batches = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin)
+        if device is None:
+            return ((x.float() / 255.0, c) for x, c in batches)
+    elif device is None:
+        return _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos)
+    else:
+        batches = _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos, uint8=True)
+    return ((x.to(device, non_blocking=True), c) for x, c in batches)  # uint8, 0-255
 
 
 def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank: int = 0,
