@@ -77,3 +77,32 @@ def test_cli_prompts_file_and_bad_quoted_text(tmp_path):
         res = mmgen("image", bad, "--checkpoint", CKPT, "-o", tmp_path / "bad.png")
         assert res.returncode == 2 and says in res.stderr.lower(), res.stderr
         assert not (tmp_path / "bad.png").exists()
+
+
+def test_teacher_forced_reading_is_what_the_sampler_sees(pipe):
+    """benchmarks/text_teacher_forced.py: its teacher-forced logits of a window are the cached sampler's for the
+    same prompt and the same tokens before it, and its ink cells are the page's inked 4x4 cells."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.text_teacher_forced import ink_cells, teacher_forced
+    from mmgen.eval.text_run import eval_scenes
+    from mmgen.text.quoted import split_prompts
+
+    sample = eval_scenes(1, 256, seed=950_001)[0]
+    logits, codes = teacher_forced(pipe, [sample], [sample.text], guidance=1.0)
+    model, vocab = pipe.model, pipe.model.vocab
+    assert logits.shape == (1, 4096, 8192) and codes.shape == (1, 4096)
+    row = 4 * 64  # the first row of windows (4 token rows) given; the first window of the next row predicted
+    rest, slot, _ = split_prompts([sample.caption], vocab, model.config.text_bytes)
+    start = torch.cat([slot, torch.full((1, 1), vocab.special("<boi>"))], 1)
+    prefix = pipe.encode_prompts(rest)
+    with torch.no_grad():
+        cache = model.new_cache(1, prefix.shape[1] + start.shape[1] + 17)
+        lo, hi = vocab.range("image")
+        step = model.prefill(prefix, start, cache, image_ids=vocab.to_unified("image", codes[:, :row]))[..., lo:hi]
+    window = model.shuffle.to_windows(logits)[:, 16]                    # (1, 16, 8192)
+    assert torch.allclose(step.reshape(window.shape), window, atol=2e-3, rtol=1e-3)
+    ink = ink_cells(sample, 4)
+    page = text_eval._ink(np.asarray(sample.image.convert("RGB")), sample.background)
+    assert ink.shape == (4096,) and 0 < int(ink.sum()) < 4096
+    assert bool(ink.reshape(64, 64)[np.nonzero(page)[0][0] // 4].any())  # the first inked pixel row's cells
+    assert int(ink.sum()) >= page.sum() / 16

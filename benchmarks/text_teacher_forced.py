@@ -1,0 +1,133 @@
+"""Does the text model know which letters to draw? Teacher-forced reading of real pages, with the right quoted
+text and with another page's.
+
+For each tuning scene (seed 950001, as benchmarks/tune_sampling.py --world text; never the reported scenes)
+the page is encoded by the checkpoint's tokenizer and the model reads it teacher-forced: every window of
+image tokens is predicted from the true tokens before it. Reported, per arm:
+
+- ``acc``: the share of image tokens whose most likely id (the argmax) is the true one, on all tokens and on
+  ``ink`` tokens (those whose 4x4-pixel cell of the page has any ink: glyph strokes, not blank card);
+- ``nll_ink``: the mean negative log-likelihood of the true ink tokens (nats), and per font
+  (``nll_ink_mono`` ...): in the monospaced font a letter's index in its line is its column, so if the
+  bytes help there and not in the proportional fonts, finding the letter is the hard part, not reading it;
+- ``cer``: OCR CER of the page decoded from the argmax ids (each window from the true context), against
+  the page's text.
+
+The arms differ only in the quoted bytes: ``matched`` gives the page's own text; ``swapped`` gives the text
+of another page of the same batch, the rest of the prompt (card, colour, font, size, alignment) unchanged.
+If the model reads the letters from the bytes, ``matched`` must beat ``swapped`` on ink tokens by a wide
+margin; if the two are close, the glyphs come from the image context alone (a letter model of shapes), and
+sampling cannot write the asked-for text however it is tuned. ``guidance`` other than 1 mixes in the
+unconditional branch as sampling does (constant scale).
+
+    .venv/bin/python benchmarks/text_teacher_forced.py --checkpoint checkpoints/text --n 8
+
+Ends with one JSON line of the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmgen.eval import text_eval  # noqa: E402
+from mmgen.eval.text_run import eval_scenes  # noqa: E402
+from mmgen.pipelines.text_to_image import TextToImagePipeline  # noqa: E402
+from mmgen.text.quoted import split_prompts  # noqa: E402
+from mmgen.tokenizers.vq_image import tensor_to_images  # noqa: E402
+from mmgen.worlds import text as tw  # noqa: E402
+
+TEXT_TUNING_SEED = 950_001  # benchmarks/tune_sampling.py's text tuning scenes
+
+
+def ink_cells(sample: tw.TextSample, cell: int) -> torch.Tensor:
+    """(H/cell * W/cell,) bool, raster order: the token cells of the page holding any ink."""
+    ink = text_eval._ink(np.asarray(sample.image.convert("RGB")), sample.background)
+    h, w = ink.shape
+    return torch.from_numpy(ink.reshape(h // cell, cell, w // cell, cell).any((1, 3)).reshape(-1))
+
+
+@torch.no_grad()
+def teacher_forced(pipe, samples: list, texts: list[str], guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-range logits (b, N, V) of the pages of ``samples`` read teacher-forced, the quoted text of each
+    prompt replaced by ``texts``, and the true local ids (b, N)."""
+    model, vocab = pipe.model, pipe.model.vocab
+    prompts = [s.caption.replace(f'"{s.text}"', f'"{t}"') for s, t in zip(samples, texts)]
+    codes = pipe.tokenizer.encode([s.image for s in samples])                         # (b, N) local ids
+    image_ids = vocab.to_unified("image", codes)
+    rest, slot, empty = split_prompts(prompts, vocab, model.config.text_bytes)
+    boi = torch.full((len(samples), 1), vocab.special("<boi>"), dtype=torch.long)
+    lo, hi = vocab.range("image")
+    logits = model.image_logits(pipe.encode_prompts(rest), torch.cat([slot, boi], 1), image_ids)[..., lo:hi]
+    if guidance != 1.0:
+        null = model.prefix(None, None, batch=len(samples))
+        uncond = model.image_logits(null, torch.cat([empty, boi], 1), image_ids)[..., lo:hi]
+        logits = uncond + guidance * (logits - uncond)
+    return logits, codes
+
+
+def arm(pipe, samples, texts, guidance: float, batch: int) -> dict:
+    cell = pipe.tokenizer.config.image_size // pipe.tokenizer.layout.grid[1]
+    hits, hits_ink, n_ink, nll_ink, images = 0, 0, 0, 0.0, []
+    by_font = {}  # font -> [nll sum, ink tokens]
+    for i in range(0, len(samples), batch):
+        chunk, chunk_texts = samples[i:i + batch], texts[i:i + batch]
+        logits, codes = teacher_forced(pipe, chunk, chunk_texts, guidance)
+        best = logits.argmax(-1)
+        ink = torch.stack([ink_cells(s, cell) for s in chunk])
+        right = best == codes
+        hits += int(right.sum())
+        hits_ink += int(right[ink].sum())
+        n_ink += int(ink.sum())
+        nll = -torch.log_softmax(logits, -1).gather(-1, codes[..., None])[..., 0]
+        nll_ink += float(nll[ink].sum())
+        for s, row, row_ink in zip(chunk, nll, ink):
+            acc_font = by_font.setdefault(s.font, [0.0, 0])
+            acc_font[0] += float(row[row_ink].sum())
+            acc_font[1] += int(row_ink.sum())
+        images += tensor_to_images(pipe.tokenizer.decode(best))
+    cers = [text_eval.cer(text_eval.ocr(im), s.text) for im, s in zip(images, samples)]
+    return {"acc": hits / (len(samples) * codes.shape[1]), "acc_ink": hits_ink / max(n_ink, 1),
+            "nll_ink": nll_ink / max(n_ink, 1), "cer": float(np.mean(cers)),
+            **{f"nll_ink_{font}": total / max(count, 1) for font, (total, count) in sorted(by_font.items())}}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="checkpoints/text")
+    ap.add_argument("--n", type=int, default=8, help="short and long scenes each (default 8: 16 pages)")
+    ap.add_argument("--guidance", type=float, default=1.0, help="constant guidance scale (1: conditional only)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--scenes-seed", type=int, default=TEXT_TUNING_SEED)
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error("--n must be at least 1")
+    t0 = time.time()
+    torch.manual_seed(0)
+    pipe = TextToImagePipeline.from_pretrained(args.checkpoint)
+    if not pipe.model.config.text_bytes:
+        ap.error(f"{args.checkpoint} has no byte slot (architecture.text_bytes): it does not read quoted text")
+    samples = eval_scenes(args.n, pipe.tokenizer.config.image_size, seed=args.scenes_seed)
+    own = [s.text for s in samples]
+    # another page's text, from the same half (short with short, long with long) so the line counts stay close
+    half = len(samples) // 2 if len(samples) > args.n else len(samples)
+    swapped = [own[(i + 1) % half + (i // half) * half] if half > 1 else own[i][::-1] for i in range(len(own))]
+    res = {"checkpoint": args.checkpoint, "pages": len(samples), "guidance": args.guidance}
+    for name, texts in (("matched", own), ("swapped", swapped)):
+        res[name] = {k: round(v, 4) for k, v in arm(pipe, samples, texts, args.guidance, args.batch).items()}
+        print(name, json.dumps(res[name]), flush=True)
+    res["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
