@@ -15,13 +15,19 @@ import torch
 from mmgen.worlds import shapes
 
 
-def _image_batches(stream, batch_size: int, uint8: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
+def _image_batches(stream, batch_size: int, uint8: bool = False, glyph_cell: int = 0) -> Iterator[tuple]:
     """Samples with ``.image`` (PIL) and ``.caption`` -> endless (images (b, 3, H, W) in [0, 1], captions);
-    ``uint8``: the images as rendered, 0-255 (what worker processes pass on)."""
+    ``uint8``: the images as rendered, 0-255 (what worker processes pass on). ``glyph_cell`` (text samples):
+    a third item, each page's ``text.glyph_map`` at that cell, (b, H / cell, W / cell) uint8."""
+    if glyph_cell:
+        from mmgen.worlds import text
     while True:
         chunk = list(itertools.islice(stream, batch_size))
         x = torch.from_numpy(np.stack([np.asarray(s.image) for s in chunk])).permute(0, 3, 1, 2)
-        yield (x.contiguous() if uint8 else x.float() / 255.0), [s.caption for s in chunk]
+        out = ((x.contiguous() if uint8 else x.float() / 255.0), [s.caption for s in chunk])
+        if glyph_cell:
+            out += (torch.from_numpy(np.stack([text.glyph_map(s, glyph_cell) for s in chunk])),)
+        yield out
 
 
 def world_batches(batch_size: int, seed: int, size: int = 64, paraphrase: bool = True,
@@ -34,20 +40,22 @@ def world_batches(batch_size: int, seed: int, size: int = 64, paraphrase: bool =
 
 
 def text_world_batches(batch_size: int, seed: int, size: int = 256, paraphrase: bool = True,
-                       rank: int = 0, uint8: bool = False) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                       rank: int = 0, uint8: bool = False, glyph_cell: int = 0) -> Iterator[tuple]:
     """Endless (images, captions) from the text world (long-text images) at a canvas of ``size``; images as in
-    ``world_batches``."""
+    ``world_batches``; ``glyph_cell``: each page's glyph map too (``_image_batches``)."""
     from mmgen.worlds import text
 
     return _image_batches(text.generate(None, seed=seed * 1000 + rank, canvas=size, paraphrase=paraphrase),
-                          batch_size, uint8)
+                          batch_size, uint8, glyph_cell)
 
 
 def _in_process(world: str, batch_size: int, seed: int, size: int, rank: int, paraphrase: bool, exclude_combos,
-                uint8: bool = False):
+                uint8: bool = False, glyph_cell: int = 0):
     if world == "shapes":
+        if glyph_cell:
+            raise ValueError("glyph maps are the text world's: the shapes world writes no letters")
         return world_batches(batch_size, seed, size, paraphrase, exclude_combos, rank, uint8)
-    return text_world_batches(batch_size, seed, size, paraphrase, rank, uint8)
+    return text_world_batches(batch_size, seed, size, paraphrase, rank, uint8, glyph_cell)
 
 
 WORKER_RANK_STRIDE = 100  # worker w of rank r renders rank r + 100 (w + 1)'s stream (fewer than 100 ranks)
@@ -70,30 +78,34 @@ class _WorldStream(torch.utils.data.IterableDataset):
 
 def training_batches(world: str, batch_size: int, seed: int, size: int, rank: int = 0, paraphrase: bool = True,
                      exclude_combos=shapes.HELD_OUT_COMBOS,
-                     workers: int = 0, device=None) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                     workers: int = 0, device=None, glyph_cell: int = 0) -> Iterator[tuple]:
     """The batches of a recipe's world: ``shapes`` or ``text`` (``exclude_combos`` applies to shapes).
 
     ``workers`` > 0 renders them in that many DataLoader processes (for an accelerator that one CPU process
     cannot feed); each worker has its own stream, so the batches differ from the in-process ones (0).
     ``device``: the images arrive there as uint8 (0-255, what a tokenizer's ``encode`` takes), copied without
     waiting on the device's queue (from pinned memory on CUDA): a blocking copy would make the training loop
-    wait for the previous step's kernels before it could prepare the next."""
+    wait for the previous step's kernels before it could prepare the next. ``glyph_cell`` (the text world):
+    each batch has a third item, the pages' glyph maps (``_image_batches``), on ``device`` too."""
     if world not in ("shapes", "text"):
         raise ValueError(f"unknown training world {world!r}: shapes or text")
     if workers < 0:
         raise ValueError(f"data workers must be 0 or more, got {workers}")
     if workers:
         stream = _WorldStream(world=world, batch_size=batch_size, seed=seed, size=size, rank=rank,
-                              paraphrase=paraphrase, exclude_combos=exclude_combos)
+                              paraphrase=paraphrase, exclude_combos=exclude_combos, glyph_cell=glyph_cell)
         pin = device is not None and torch.device(device).type == "cuda"
         batches = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin)
         if device is None:
-            return ((x.float() / 255.0, c) for x, c in batches)
+            return ((x.float() / 255.0, *rest) for x, *rest in batches)
     elif device is None:
-        return _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos)
+        return _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos, glyph_cell=glyph_cell)
     else:
-        batches = _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos, uint8=True)
-    return ((x.to(device, non_blocking=True), c) for x, c in batches)  # uint8, 0-255
+        batches = _in_process(world, batch_size, seed, size, rank, paraphrase, exclude_combos, uint8=True,
+                              glyph_cell=glyph_cell)
+    # uint8 pages, 0-255 (and glyph maps) on the device
+    return ((x.to(device, non_blocking=True), c, *(g.to(device, non_blocking=True) for g in rest))
+            for x, c, *rest in batches)
 
 
 def folder_batches(folder: str, batch_size: int, seed: int, size: int = 64, rank: int = 0,

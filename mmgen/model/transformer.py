@@ -42,6 +42,7 @@ class ARConfig:
     shuffle_grid: tuple = (0, 0)  # the image token grid (H, W) the windows tile; set from the tokenizer
     text_bytes: int = 0           # quoted prompt text as byte tokens, a slot of this many bytes (0: off)
     byte_index: bool = False      # add a learnt embedding of each quoted byte's index in its text (see embed)
+    glyph_head: bool = False      # a training-only head: the letter under each image token (see forward)
     image_head: str = "full"      # "full": a learnt logit row per image id; "bitwise": one logit per bit of the id
     image_bits: int = 0           # bitwise head: B, the image range holding 2^B ids (set from the tokenizer)
 
@@ -55,6 +56,7 @@ AR_CONFIGS = {
     # width, 2.2x its parameters with the text vocabulary
     "medium": ARConfig(hidden_size=384, num_layers=8, num_heads=6, num_kv_heads=3, intermediate_size=1024),
 }
+GLYPH_CLASSES = 128  # the glyph head's classes: ASCII, what the text world writes (0: no letter)
 MODALITY_NAMES = ("condition",)  # index 0 is the prefix; vocabulary ranges follow in their order
 
 
@@ -120,6 +122,12 @@ class MMGenTransformer(nn.Module):
                 raise ValueError("byte_index numbers the quoted text's bytes: it needs text_bytes > 0")
             self.byte_index_embed = nn.Embedding(config.text_bytes, d)
             nn.init.zeros_(self.byte_index_embed.weight)  # starts as the model without it
+        if config.glyph_head:
+            if config.text_bytes <= 0:
+                raise ValueError("glyph_head predicts the quoted text's letters on the page: it needs text_bytes > 0")
+            self.glyph_head = nn.Linear(d, GLYPH_CLASSES)
+            nn.init.normal_(self.glyph_head.weight, std=0.02)
+            nn.init.zeros_(self.glyph_head.bias)
 
     @property
     def tokens_per_step(self) -> int:
@@ -240,15 +248,35 @@ class MMGenTransformer(nn.Module):
 
     # ---- reference forward (training) -------------------------------------------------------------------
     def forward(self, prefix: torch.Tensor, ids: torch.Tensor, image_ids: torch.Tensor | None = None,
-                target: torch.Tensor | None = None) -> torch.Tensor:
+                target: torch.Tensor | None = None, glyph_target: torch.Tensor | None = None):
         """prefix (b, p, d), ids (b, t) -> logits (b, t, vocab): position i predicts ids[:, i + 1].
 
         With ``image_ids`` (b, N), ``ids`` are the start ids and this is ``image_logits``. With ``target`` (the
         ids the logits would be scored against, -100 ignored) it returns their mean cross-entropy instead
         (``loss``), without the logits. Training goes through here, which also works under
-        DistributedDataParallel (it only syncs what goes through forward)."""
+        DistributedDataParallel (it only syncs what goes through forward).
+
+        ``glyph_target`` (b, N), with ``image_ids`` and ``target`` and a model built with ``glyph_head``: the
+        letter (its ASCII byte; 0 off the text's lines) drawn over each image token's cell, raster order (the
+        text world's ``glyph_map``). Returns (the image loss, the glyph loss): the cross-entropy of the glyph
+        head's reading of each token's head state against the letter, over the cells on a line (spaces
+        included). The state that must draw a token is asked which letter it is drawing; only the quoted bytes
+        can tell it where a glyph's first strokes are drawn, so this is a direct signal to read them (teacher-
+        forced, the image tokens before a cell already show most of its letter). Inference never runs the
+        head. Akin in aim to TextDiffuser's character-aware loss, not its method: there a trained character
+        segmenter scores the denoised image; here the letter supervises the state that draws the token."""
         states = self.image_states(prefix, ids, image_ids) if image_ids is not None else self.states(prefix, ids)
-        return self.logits(states) if target is None else self.loss(states, target)
+        if glyph_target is None:
+            return self.logits(states) if target is None else self.loss(states, target)
+        if not self.config.glyph_head or image_ids is None or target is None:
+            raise ValueError("glyph_target needs a model built with glyph_head, image_ids and target")
+        # a weighted mean rather than a selection of the cells on a line: selecting would read their count back
+        # from an accelerator each step
+        glyph_target = glyph_target.reshape(-1).long()
+        on_line = (glyph_target > 0).float()
+        per_cell = F.cross_entropy(self.glyph_head(states.reshape(-1, states.shape[-1])), glyph_target,
+                                   reduction="none")
+        return self.loss(states, target), (per_cell * on_line).sum() / on_line.sum().clamp(min=1.0)
 
     def states(self, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """prefix (b, p, d), ids (b, t) -> final-normed hidden states (b, t, d) of the ids' positions."""

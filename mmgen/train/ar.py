@@ -39,11 +39,13 @@ log = logging.getLogger(__name__)
 AR_RECIPE_SECTIONS = {"architecture": None,  # checked by ARConfig
                       "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "cond_dropout", "save_every",
                                    "log_every", "seed", "world", "exclude_combos", "sampling_defaults", "see_batch",
-                                   "image_size", "cache_images"}}
+                                   "image_size", "cache_images", "glyph_weight"}}
 
 # model settings that carry no weights: a run started with --init may change them (a longer sequence, a larger
 # Token-Shuffle grid for a larger canvas); every other setting must match the model it starts from
 INIT_FREE_FIELDS = {"max_positions", "shuffle_grid"}
+# parts a run started with --init may add to a model that lacks them (they start fresh): setting -> weight prefix
+INIT_ADDED_PARTS = {"glyph_head": "glyph_head.", "byte_index": "byte_index_embed."}
 
 
 def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
@@ -95,11 +97,17 @@ def init_model_from(model: MMGenTransformer, directory: str, tokenizer=None) -> 
         folder = folder / "model"
     src = MMGenTransformer.from_pretrained(folder)
     a, b = asdict(src.config), asdict(model.config)
-    differ = sorted(k for k in a if k not in INIT_FREE_FIELDS and a[k] != b.get(k))
+    added = {k for k in INIT_ADDED_PARTS if not a.get(k) and b.get(k)}
+    differ = sorted(k for k in a if k not in INIT_FREE_FIELDS | added and a[k] != b.get(k))
     if differ:
         raise ValueError(f"--init {directory}: its model differs from the recipe's in {', '.join(differ)} "
-                         f"(only {', '.join(sorted(INIT_FREE_FIELDS))} may change)")
-    model.load_state_dict(src.state_dict(), strict=True)
+                         f"(only {', '.join(sorted(INIT_FREE_FIELDS))} may change, and "
+                         f"{', '.join(sorted(INIT_ADDED_PARTS))} may be added)")
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    new = tuple(INIT_ADDED_PARTS[k] for k in added)
+    if unexpected or any(not k.startswith(new) for k in missing):
+        raise ValueError(f"--init {directory}: weights do not match the recipe's model (missing {missing}, "
+                         f"unexpected {unexpected})")
 
 
 def reading_order_caption(objects, background: str) -> str:
@@ -171,6 +179,26 @@ def write_profile(profiler, path: Path, device_type: str) -> None:
     log.info("profile of five steps written to %s", path)
 
 
+def check_glyph_setup(model: MMGenTransformer, weight: float, tr: dict, data: str | None, tokenizer) -> int:
+    """The glyph head's training needs: ``training.glyph_weight`` > 0 exactly when the model has the head, the
+    text world's pages rendered each step (their glyph maps come with them), and Token-Shuffle's image path.
+    Returns the glyph maps' cell in pixels (one image token's), 0 without the head."""
+    if weight < 0:
+        raise ValueError(f"training.glyph_weight must be at least 0, got {weight}")
+    if not model.config.glyph_head:
+        if weight:
+            raise ValueError("training.glyph_weight weighs the glyph head's loss: set architecture.glyph_head: true")
+        return 0
+    if not weight:
+        raise ValueError("architecture.glyph_head is trained by its loss: set training.glyph_weight above 0")
+    if data or tr.get("world", "shapes") != "text" or int(tr.get("cache_images", 0)):
+        raise ValueError("the glyph head learns from the text world's layouts: training.world: text, rendered each "
+                         "step (no --data, no training.cache_images)")
+    if model.shuffle is None:
+        raise ValueError("the glyph head is trained through Token-Shuffle's image path: shuffle_window > 1")
+    return tokenizer.config.image_size // tokenizer.layout.grid[1]
+
+
 def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | None = None, resume: bool = False,
              data: str | None = None, seed: int | None = None, save_every: int | None = None,
              progress: bool = True, max_minutes: float | None = None, init: str | None = None,
@@ -220,6 +248,8 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     if int(tr.get("see_batch", 0)) and model.config.byte_index:
         raise ValueError("architecture.byte_index numbers the quoted text's bytes; the see task writes captions as "
                          "bytes, which it would number too: use one of them")
+    glyph_w = float(tr.get("glyph_weight", 0.0))
+    glyph_cell = check_glyph_setup(model, glyph_w, tr, data, tokenizer)
     state_dir = out / "train_state"
     if init is not None:
         if resume:
@@ -248,7 +278,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
                               acc.num_processes) if data
                else training_batches(tr.get("world", "shapes"), batch, data_seed, tokenizer.config.image_size,
                                      acc.process_index, paraphrase=True, exclude_combos=held, workers=data_workers,
-                                     device=acc.device))
+                                     device=acc.device, glyph_cell=glyph_cell))
     if cache:  # batches of codes, encoded once
         coded = cached_codes(batches, tokenizer, cache, batch, seed + 31 + step + 1009 * acc.process_index,
                              acc.device, progress and acc.is_main_process)
@@ -289,7 +319,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
                                                  if acc.device.type == "cuda" else []))
             profiler.start()
         t_data = time.perf_counter()
-        item, captions = next(coded)
+        item, captions, *glyphs = next(coded)  # the glyph maps with glyph_head (check_glyph_setup)
         data_wait += time.perf_counter() - t_data
         with torch.no_grad():
             codes = item if cache else tokenizer.encode(item.to(acc.device, non_blocking=True))
@@ -317,7 +347,11 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             see_ids, see_target = caption_sequences(see_codes, see_captions, vocab)
         with autocast:
             prefix = unwrapped.prefix(cond.states, cond.mask, drop=drop)
-            if shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>
+            if glyphs:  # and the letter under each token's cell from the state that draws it (MMGenTransformer.forward)
+                image_loss, glyph_loss = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1],
+                                                 target=ids[:, n_start:-1], glyph_target=glyphs[0])
+                loss = image_loss + glyph_w * glyph_loss
+            elif shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>
                 loss = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1], target=ids[:, n_start:-1])
             else:  # loss on the image tokens and <eoi> only: the start ids (bytes, <boi>) are given
                 target = ids[:, 1:].clone()
@@ -336,6 +370,9 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         if step % log_every == 0:
             el = time.time() - t_start
             extra_row = {"see_loss": see_loss.item()} if see_data is not None else {}
+            if glyphs:  # loss stays the image tokens' cross-entropy, comparable with runs without the head
+                extra_row.update(glyph_loss=glyph_loss.item(), total_loss=loss.item())
+                loss = image_loss
             metrics.log(step, minutes0, loss=loss.item(), lr=opt.param_groups[0]["lr"],
                         tokens_per_s=tokens_seen * acc.num_processes / max(el, 1e-9),
                         data_wait_s=data_wait / log_every, **extra_row)

@@ -171,18 +171,54 @@ def render(text: str, font_name: str = "sans", size: str = "medium", color: str 
         raise ValueError(f"unknown alignment {align!r}; choose from {ALIGNS}")
     if not isinstance(canvas, int) or canvas < 64:
         raise ValueError(f"canvas must be an integer of at least 64 pixels, got {canvas!r}")
+    f, placed = layout(text, font_name, size, align, canvas)
+    img = Image.new("RGB", (canvas, canvas), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    for line, x, y in placed:
+        draw.text((x, y), line, font=f, fill=COLORS[color])
+    return img
+
+
+def layout(text: str, font_name: str, size: str, align: str, canvas: int
+           ) -> tuple[ImageFont.FreeTypeFont, list[tuple[str, float, int]]]:
+    """Where ``render`` draws each wrapped line: (the font, [(line, x, y) of its top-left corner])."""
+    if align not in ALIGNS:
+        raise ValueError(f"unknown alignment {align!r}; choose from {ALIGNS}")
     lines = wrap(text, font_name, size, canvas)
     f = font(font_name, font_px(size, canvas))
     margin, line_h, _ = geometry(canvas, size)
-    img = Image.new("RGB", (canvas, canvas), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(img)
     ascent, descent = f.getmetrics()
     top = (canvas - len(lines) * line_h) // 2 + (line_h - ascent - descent) // 2
+    placed = []
     for i, line in enumerate(lines):
         w = f.getlength(line)
         x = {"left": margin, "center": (canvas - w) / 2, "right": canvas - margin - w}[align]
-        draw.text((x, top + i * line_h), line, font=f, fill=COLORS[color])
-    return img
+        placed.append((line, x, top + i * line_h))
+    return f, placed
+
+
+def glyph_map(sample: "TextSample", cell: int) -> np.ndarray:
+    """The letter drawn over each ``cell`` x ``cell`` block of a page: (canvas / cell, canvas / cell) uint8,
+    the character's byte where the block's centre lies in a line's band (its font's ascent to descent) within
+    that character's advance, 0 elsewhere (spaces are 32). What a model writing the page by blocks must choose
+    at each one (``ARConfig.glyph_head``)."""
+    if sample.canvas % cell:
+        raise ValueError(f"the cell ({cell} px) must divide the canvas ({sample.canvas} px)")
+    f, placed = layout(sample.text, sample.font, sample.size, sample.align, sample.canvas)
+    ascent, descent = f.getmetrics()
+    px = font_px(sample.size, sample.canvas)
+    n = sample.canvas // cell
+    centres = np.arange(n) * cell + cell / 2
+    out = np.zeros((n, n), np.uint8)
+    for line, x, y in placed:
+        rows = (centres >= y) & (centres < y + ascent + descent)
+        # advance edges: x + the width of each prefix, measured as render measures lines
+        edges = x + np.array([text_length(sample.font, px, line[:k]) for k in range(len(line) + 1)])
+        k = np.searchsorted(edges, centres, side="right") - 1             # the character whose advance holds it
+        inside = (k >= 0) & (k < len(line))
+        codes = np.where(inside, np.frombuffer(line.encode("ascii"), np.uint8)[k.clip(0, len(line) - 1)], 0)
+        out[rows] = codes[None, :]
+    return out
 
 
 @dataclass

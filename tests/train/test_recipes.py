@@ -24,6 +24,7 @@ class _Grid:
 AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_image.yaml",
                 "text_ar_ts4.yaml": "binary_text.yaml", "text_ar_512_ts4.yaml": "binary_text.yaml",
                 "text_ar_ts4_gpu.yaml": "binary_text.yaml", "text_ar_ts4_gpu_byte_index.yaml": "binary_text.yaml",
+                "text_ar_ts4_gpu_glyph.yaml": "binary_text.yaml",
                 "text_ar_ts4_bitwise.yaml": "binary_text_pages.yaml",
                 "seed_ar.yaml": "seed.yaml", "seed_p4_ar.yaml": "seed_p4_slots_long_stage2_long_probe.yaml"}
 
@@ -92,6 +93,13 @@ def test_the_byte_index_arm_differs_from_the_gpu_recipe_only_there():
     a, b = (yaml.safe_load((ROOT / "recipes" / n).read_text())
             for n in ("text_ar_ts4_gpu.yaml", "text_ar_ts4_gpu_byte_index.yaml"))
     assert b["architecture"].pop("byte_index") is True and "byte_index" not in a["architecture"]
+    assert a == b
+
+
+def test_the_glyph_arm_differs_from_the_byte_index_arm_only_by_the_glyph_head():
+    a, b = (yaml.safe_load((ROOT / "recipes" / n).read_text())
+            for n in ("text_ar_ts4_gpu_byte_index.yaml", "text_ar_ts4_gpu_glyph.yaml"))
+    assert b["architecture"].pop("glyph_head") is True and b["training"].pop("glyph_weight") > 0
     assert a == b
 
 

@@ -90,3 +90,28 @@ def test_long_streams_never_overflow_the_canvas():
     for canvas in (128, 256):
         for s in tw.generate(600, seed=5, canvas=canvas, paraphrase=True):
             assert len(s.lines) <= tw.geometry(canvas, s.size)[2]
+
+
+def test_glyph_map_puts_each_letter_over_its_own_ink():
+    """text.glyph_map: every inked 4x4 cell lies on a letter of the map, and a line's letters run left to right
+    in the order of the text, each over the cells of its advance."""
+    from mmgen.eval.text_eval import _ink
+
+    for s in tw.generate(6, seed=11):
+        g = tw.glyph_map(s, 4)
+        ink = _ink(np.asarray(s.image), s.background).reshape(64, 4, 64, 4).any((1, 3))
+        assert g.shape == (64, 64) and g.dtype == np.uint8
+        assert (ink & (g > 0)).sum() >= 0.98 * ink.sum()     # anti-aliased specks may fall just outside a band
+        assert set(np.unique(g)) <= {0} | {ord(c) for c in s.text}
+    text = "Hello world"
+    sample = tw.TextSample("", tw.render(text, "sans", "large", "black", "white", "left"), text, [text], "sans",
+                           "large", "black", "white", "left", 256)
+    g = tw.glyph_map(sample, 4)
+    rows = np.nonzero(g.any(1))[0]
+    assert len(rows) >= 6 and np.all(np.diff(rows) == 1)        # one band of a 32-px font: 8 or 9 cells tall
+    row = [chr(c) for c in g[rows[0]] if c]
+    assert "".join(dict.fromkeys(row)) == "Helo wrd"            # first appearances, in the text's order
+    for letter, times in (("H", 1), ("l", 3), (" ", 1)):        # each over about its advance's worth of cells
+        assert abs(row.count(letter) - times * tw.text_length("sans", 32, letter) / 4) <= times
+    with pytest.raises(ValueError, match="divide"):
+        tw.glyph_map(sample, 3)
