@@ -10,6 +10,8 @@ image tokens is predicted from the true tokens before it. Reported, per arm:
 - ``nll_ink``: the mean negative log-likelihood of the true ink tokens (nats), and per font
   (``nll_ink_mono`` ...): in the monospaced font a letter's index in its line is its column, so if the
   bytes help there and not in the proportional fonts, finding the letter is the hard part, not reading it;
+- ``nll_top``: the same on the ink tokens of each line's first row of windows (``top_cells``), where the
+  image before them shows nothing of the letter being drawn;
 - ``cer``: OCR CER of the page decoded from the argmax ids (each window from the true context), against
   the page's text.
 
@@ -17,8 +19,9 @@ The arms differ only in the quoted bytes: ``matched`` gives the page's own text;
 of another page of the same batch, the rest of the prompt (card, colour, font, size, alignment) unchanged.
 If the model reads the letters from the bytes, ``matched`` must beat ``swapped`` on ink tokens by a wide
 margin; if the two are close, the glyphs come from the image context alone (a letter model of shapes), and
-sampling cannot write the asked-for text however it is tuned. ``guidance`` other than 1 mixes in the
-unconditional branch as sampling does (constant scale).
+sampling cannot write the asked-for text however it is tuned. ``--guidance`` other than 1 mixes in the
+unconditional branch as sampling does (constant scale); ``--uncond bytes`` drops only the quoted bytes there,
+a guidance towards the text alone.
 
     .venv/bin/python benchmarks/text_teacher_forced.py --checkpoint checkpoints/text --n 8
 
@@ -47,6 +50,21 @@ from mmgen.worlds import text as tw  # noqa: E402
 TEXT_TUNING_SEED = 950_001  # benchmarks/tune_sampling.py's text tuning scenes
 
 
+def top_cells(sample: tw.TextSample, cell: int, window: int) -> torch.Tensor:
+    """(H/cell * W/cell,) bool, raster order: the cells on a line (``text.glyph_map``) within the first row of
+    Token-Shuffle windows that reaches that line. Drawing them, the model sees the tops of the letters to the
+    left and nothing of the one it draws: only the quoted bytes (or a guess from the letters before) can tell
+    which letter it is."""
+    g = tw.glyph_map(sample, cell)
+    out = np.zeros_like(g, dtype=bool)
+    rows = np.nonzero(g.any(1))[0]
+    starts = rows[np.r_[True, np.diff(rows) > 1]]                   # each line's first token row
+    for r in starts:
+        w0 = r // window * window
+        out[w0:w0 + window] |= g[w0:w0 + window] > 0
+    return torch.from_numpy(out.reshape(-1))
+
+
 def ink_cells(sample: tw.TextSample, cell: int) -> torch.Tensor:
     """(H/cell * W/cell,) bool, raster order: the token cells of the page holding any ink."""
     ink = text_eval._ink(np.asarray(sample.image.convert("RGB")), sample.background)
@@ -55,9 +73,12 @@ def ink_cells(sample: tw.TextSample, cell: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced(pipe, samples: list, texts: list[str], guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced(pipe, samples: list, texts: list[str], guidance: float, uncond: str = "all"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-range logits (b, N, V) of the pages of ``samples`` read teacher-forced, the quoted text of each
-    prompt replaced by ``texts``, and the true local ids (b, N)."""
+    prompt replaced by ``texts``, and the true local ids (b, N). With ``guidance`` other than 1, the
+    unconditional branch drops ``all`` of the condition (as sampling does) or only the ``bytes`` (the rest
+    of the prompt kept: a guidance towards the quoted text alone, a condition training never drops alone)."""
     model, vocab = pipe.model, pipe.model.vocab
     prompts = [s.caption.replace(f'"{s.text}"', f'"{t}"') for s, t in zip(samples, texts)]
     codes = pipe.tokenizer.encode([s.image for s in samples])                         # (b, N) local ids
@@ -67,19 +88,23 @@ def teacher_forced(pipe, samples: list, texts: list[str], guidance: float) -> tu
     lo, hi = vocab.range("image")
     logits = model.image_logits(pipe.encode_prompts(rest), torch.cat([slot, boi], 1), image_ids)[..., lo:hi]
     if guidance != 1.0:
-        null = model.prefix(None, None, batch=len(samples))
-        uncond = model.image_logits(null, torch.cat([empty, boi], 1), image_ids)[..., lo:hi]
-        logits = uncond + guidance * (logits - uncond)
+        if uncond not in ("all", "bytes"):
+            raise ValueError(f"uncond must be 'all' or 'bytes', got {uncond!r}")
+        null = model.prefix(None, None, batch=len(samples)) if uncond == "all" else pipe.encode_prompts(rest)
+        free = model.image_logits(null, torch.cat([empty, boi], 1), image_ids)[..., lo:hi]
+        logits = free + guidance * (logits - free)
     return logits, codes
 
 
-def arm(pipe, samples, texts, guidance: float, batch: int) -> dict:
+def arm(pipe, samples, texts, guidance: float, batch: int, uncond: str = "all") -> dict:
     cell = pipe.tokenizer.config.image_size // pipe.tokenizer.layout.grid[1]
     hits, hits_ink, n_ink, nll_ink, images = 0, 0, 0, 0.0, []
     by_font = {}  # font -> [nll sum, ink tokens]
+    window = pipe.model.config.shuffle_window
+    nll_top, n_top = 0.0, 0
     for i in range(0, len(samples), batch):
         chunk, chunk_texts = samples[i:i + batch], texts[i:i + batch]
-        logits, codes = teacher_forced(pipe, chunk, chunk_texts, guidance)
+        logits, codes = teacher_forced(pipe, chunk, chunk_texts, guidance, uncond)
         best = logits.argmax(-1)
         ink = torch.stack([ink_cells(s, cell) for s in chunk])
         right = best == codes
@@ -88,6 +113,9 @@ def arm(pipe, samples, texts, guidance: float, batch: int) -> dict:
         n_ink += int(ink.sum())
         nll = -torch.log_softmax(logits, -1).gather(-1, codes[..., None])[..., 0]
         nll_ink += float(nll[ink].sum())
+        top = torch.stack([top_cells(s, cell, window) for s in chunk]) & ink
+        nll_top += float(nll[top].sum())
+        n_top += int(top.sum())
         for s, row, row_ink in zip(chunk, nll, ink):
             acc_font = by_font.setdefault(s.font, [0.0, 0])
             acc_font[0] += float(row[row_ink].sum())
@@ -95,7 +123,7 @@ def arm(pipe, samples, texts, guidance: float, batch: int) -> dict:
         images += tensor_to_images(pipe.tokenizer.decode(best))
     cers = [text_eval.cer(text_eval.ocr(im), s.text) for im, s in zip(images, samples)]
     return {"acc": hits / (len(samples) * codes.shape[1]), "acc_ink": hits_ink / max(n_ink, 1),
-            "nll_ink": nll_ink / max(n_ink, 1), "cer": float(np.mean(cers)),
+            "nll_ink": nll_ink / max(n_ink, 1), "nll_top": nll_top / max(n_top, 1), "cer": float(np.mean(cers)),
             **{f"nll_ink_{font}": total / max(count, 1) for font, (total, count) in sorted(by_font.items())}}
 
 
@@ -105,6 +133,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", default="checkpoints/text")
     ap.add_argument("--n", type=int, default=8, help="short and long scenes each (default 8: 16 pages)")
     ap.add_argument("--guidance", type=float, default=1.0, help="constant guidance scale (1: conditional only)")
+    ap.add_argument("--uncond", choices=("all", "bytes"), default="all",
+                    help="what the unconditional branch drops when --guidance is not 1: the whole condition "
+                         "(as sampling does) or only the quoted bytes")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--scenes-seed", type=int, default=TEXT_TUNING_SEED)
     args = ap.parse_args(argv)
@@ -120,9 +151,9 @@ def main(argv=None) -> dict:
     # another page's text, from the same half (short with short, long with long) so the line counts stay close
     half = len(samples) // 2 if len(samples) > args.n else len(samples)
     swapped = [own[(i + 1) % half + (i // half) * half] if half > 1 else own[i][::-1] for i in range(len(own))]
-    res = {"checkpoint": args.checkpoint, "pages": len(samples), "guidance": args.guidance}
+    res = {"checkpoint": args.checkpoint, "pages": len(samples), "guidance": args.guidance, "uncond": args.uncond}
     for name, texts in (("matched", own), ("swapped", swapped)):
-        res[name] = {k: round(v, 4) for k, v in arm(pipe, samples, texts, args.guidance, args.batch).items()}
+        res[name] = {k: round(v, 4) for k, v in arm(pipe, samples, texts, args.guidance, args.batch, args.uncond).items()}
         print(name, json.dumps(res[name]), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(res))

@@ -81,9 +81,10 @@ def test_cli_prompts_file_and_bad_quoted_text(tmp_path):
 
 def test_teacher_forced_reading_is_what_the_sampler_sees(pipe):
     """benchmarks/text_teacher_forced.py: its teacher-forced logits of a window are the cached sampler's for the
-    same prompt and the same tokens before it, and its ink cells are the page's inked 4x4 cells."""
+    same prompt and the same tokens before it, its ink cells are the page's inked 4x4 cells, and its top cells
+    lie on the lines' first rows of windows."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.text_teacher_forced import ink_cells, teacher_forced
+    from benchmarks.text_teacher_forced import ink_cells, teacher_forced, top_cells
     from mmgen.eval.text_run import eval_scenes
     from mmgen.text.quoted import split_prompts
 
@@ -106,3 +107,8 @@ def test_teacher_forced_reading_is_what_the_sampler_sees(pipe):
     assert ink.shape == (4096,) and 0 < int(ink.sum()) < 4096
     assert bool(ink.reshape(64, 64)[np.nonzero(page)[0][0] // 4].any())  # the first inked pixel row's cells
     assert int(ink.sum()) >= page.sum() / 16
+    top = top_cells(sample, 4, 4).reshape(64, 64)
+    on_line = torch.from_numpy(tw.glyph_map(sample, 4) > 0)
+    rows = torch.nonzero(top.any(1))[:, 0]
+    assert bool(top.any()) and not bool((top & ~on_line).any())
+    assert len(rows) <= 4 * len(sample.lines) and int(rows[0]) == int(torch.nonzero(on_line.any(1))[0, 0])
