@@ -34,6 +34,13 @@ def test_world_batches_rendered_in_worker_processes():
     x, _ = next(training_batches("text", 2, seed=3, size=128, device="cpu"))
     assert x.dtype == torch.uint8
     assert torch.equal(x.float() / 255.0, next(training_batches("text", 2, seed=3, size=128))[0])
+    # glyph maps travel with their pages, from the workers too (ARConfig.glyph_head)
+    x, captions, glyphs = next(training_batches("text", 2, seed=3, size=128, workers=1, device="cpu", glyph_cell=4))
+    _, want_captions, want = next(training_batches("text", 2, seed=3, size=128, rank=WORKER_RANK_STRIDE,
+                                                   glyph_cell=4))
+    assert captions == want_captions and glyphs.shape == (2, 32, 32) and torch.equal(glyphs, want)
+    with pytest.raises(ValueError, match="shapes world writes no letters"):
+        next(training_batches("shapes", 2, seed=3, size=64, glyph_cell=4))
     with pytest.raises(ValueError, match="workers"):
         training_batches("text", 2, seed=3, size=128, workers=-1)
     with pytest.raises(ValueError, match="unknown training world"):
