@@ -12,6 +12,8 @@ image tokens is predicted from the true tokens before it. Reported, per arm:
   bytes help there and not in the proportional fonts, finding the letter is the hard part, not reading it;
 - ``nll_top``: the same on the ink tokens of each line's first row of windows (``top_cells``), where the
   image before them shows nothing of the letter being drawn;
+- ``glyph_acc_line`` / ``glyph_acc_top`` (a model trained with ``ARConfig.glyph_head``): how often that
+  head names the letter under a cell on a line, and under the cells of ``nll_top``, from the same states;
 - ``cer``: OCR CER of the page decoded from the argmax ids (each window from the true context), against
   the page's text.
 
@@ -74,9 +76,10 @@ def ink_cells(sample: tw.TextSample, cell: int) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_forced(pipe, samples: list, texts: list[str], guidance: float, uncond: str = "all"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-range logits (b, N, V) of the pages of ``samples`` read teacher-forced, the quoted text of each
-    prompt replaced by ``texts``, and the true local ids (b, N). With ``guidance`` other than 1, the
+    prompt replaced by ``texts``, the true local ids (b, N) and the conditional head states (b, N, d) that
+    drew the logits (what a glyph head reads). With ``guidance`` other than 1, the
     unconditional branch drops ``all`` of the condition (as sampling does) or only the ``bytes`` (the rest
     of the prompt kept: a guidance towards the quoted text alone, a condition training never drops alone)."""
     model, vocab = pipe.model, pipe.model.vocab
@@ -86,14 +89,15 @@ def teacher_forced(pipe, samples: list, texts: list[str], guidance: float, uncon
     rest, slot, empty = split_prompts(prompts, vocab, model.config.text_bytes)
     boi = torch.full((len(samples), 1), vocab.special("<boi>"), dtype=torch.long)
     lo, hi = vocab.range("image")
-    logits = model.image_logits(pipe.encode_prompts(rest), torch.cat([slot, boi], 1), image_ids)[..., lo:hi]
+    states = model.image_states(pipe.encode_prompts(rest), torch.cat([slot, boi], 1), image_ids)
+    logits = model.logits(states)[..., lo:hi]
     if guidance != 1.0:
         if uncond not in ("all", "bytes"):
             raise ValueError(f"uncond must be 'all' or 'bytes', got {uncond!r}")
         null = model.prefix(None, None, batch=len(samples)) if uncond == "all" else pipe.encode_prompts(rest)
         free = model.image_logits(null, torch.cat([empty, boi], 1), image_ids)[..., lo:hi]
         logits = free + guidance * (logits - free)
-    return logits, codes
+    return logits, codes, states
 
 
 def arm(pipe, samples, texts, guidance: float, batch: int, uncond: str = "all") -> dict:
@@ -102,9 +106,10 @@ def arm(pipe, samples, texts, guidance: float, batch: int, uncond: str = "all") 
     by_font = {}  # font -> [nll sum, ink tokens]
     window = pipe.model.config.shuffle_window
     nll_top, n_top = 0.0, 0
+    glyph = {"line": [0, 0], "top": [0, 0]}  # glyph head (if the model has one): [right, cells]
     for i in range(0, len(samples), batch):
         chunk, chunk_texts = samples[i:i + batch], texts[i:i + batch]
-        logits, codes = teacher_forced(pipe, chunk, chunk_texts, guidance, uncond)
+        logits, codes, states = teacher_forced(pipe, chunk, chunk_texts, guidance, uncond)
         best = logits.argmax(-1)
         ink = torch.stack([ink_cells(s, cell) for s in chunk])
         right = best == codes
@@ -113,9 +118,16 @@ def arm(pipe, samples, texts, guidance: float, batch: int, uncond: str = "all") 
         n_ink += int(ink.sum())
         nll = -torch.log_softmax(logits, -1).gather(-1, codes[..., None])[..., 0]
         nll_ink += float(nll[ink].sum())
-        top = torch.stack([top_cells(s, cell, window) for s in chunk]) & ink
+        on_top = torch.stack([top_cells(s, cell, window) for s in chunk])
+        top = on_top & ink
         nll_top += float(nll[top].sum())
         n_top += int(top.sum())
+        if pipe.model.config.glyph_head:
+            letters = torch.stack([torch.from_numpy(tw.glyph_map(s, cell).reshape(-1)) for s in chunk]).long()
+            read = pipe.model.glyph_head(states).argmax(-1) == letters
+            for key, cells in (("line", letters > 0), ("top", on_top)):
+                glyph[key][0] += int(read[cells].sum())
+                glyph[key][1] += int(cells.sum())
         for s, row, row_ink in zip(chunk, nll, ink):
             acc_font = by_font.setdefault(s.font, [0.0, 0])
             acc_font[0] += float(row[row_ink].sum())
@@ -124,7 +136,9 @@ def arm(pipe, samples, texts, guidance: float, batch: int, uncond: str = "all") 
     cers = [text_eval.cer(text_eval.ocr(im), s.text) for im, s in zip(images, samples)]
     return {"acc": hits / (len(samples) * codes.shape[1]), "acc_ink": hits_ink / max(n_ink, 1),
             "nll_ink": nll_ink / max(n_ink, 1), "nll_top": nll_top / max(n_top, 1), "cer": float(np.mean(cers)),
-            **{f"nll_ink_{font}": total / max(count, 1) for font, (total, count) in sorted(by_font.items())}}
+            **{f"nll_ink_{font}": total / max(count, 1) for font, (total, count) in sorted(by_font.items())},
+            **({f"glyph_acc_{key}": right / max(n, 1) for key, (right, n) in glyph.items()}
+               if pipe.model.config.glyph_head else {})}
 
 
 def main(argv=None) -> dict:

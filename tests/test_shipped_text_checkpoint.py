@@ -89,7 +89,8 @@ def test_teacher_forced_reading_is_what_the_sampler_sees(pipe):
     from mmgen.text.quoted import split_prompts
 
     sample = eval_scenes(1, 256, seed=950_001)[0]
-    logits, codes = teacher_forced(pipe, [sample], [sample.text], guidance=1.0)
+    logits, codes, states = teacher_forced(pipe, [sample], [sample.text], guidance=1.0)
+    assert states.shape == (1, 4096, 384)
     model, vocab = pipe.model, pipe.model.vocab
     assert logits.shape == (1, 4096, 8192) and codes.shape == (1, 4096)
     row = 4 * 64  # the first row of windows (4 token rows) given; the first window of the next row predicted
