@@ -11,7 +11,7 @@ image tokens is predicted from the true tokens before it. Reported, per arm:
   (``nll_ink_mono`` ...): in the monospaced font a letter's index in its line is its column, so if the
   bytes help there and not in the proportional fonts, finding the letter is the hard part, not reading it;
 - ``nll_top``: the same on the ink tokens of each line's first row of windows (``top_cells``), where the
-  image before them shows nothing of the letter being drawn;
+  image before them shows little of the letter being drawn;
 - ``glyph_acc_line`` / ``glyph_acc_top`` (a model trained with ``ARConfig.glyph_head``): how often that
   head names the letter under a cell on a line, and under the cells of ``nll_top``, from the same states;
 - ``cer``: OCR CER of the page decoded from the argmax ids (each window from the true context), against
@@ -53,17 +53,15 @@ TEXT_TUNING_SEED = 950_001  # benchmarks/tune_sampling.py's text tuning scenes
 
 
 def top_cells(sample: tw.TextSample, cell: int, window: int) -> torch.Tensor:
-    """(H/cell * W/cell,) bool, raster order: the cells on a line (``text.glyph_map``) within the first row of
-    Token-Shuffle windows that reaches that line. Drawing them, the model sees the tops of the letters to the
-    left and nothing of the one it draws: only the quoted bytes (or a guess from the letters before) can tell
-    which letter it is."""
+    """(H/cell * W/cell,) bool, raster order: each line's cells (``text.glyph_map``) in the first row of
+    Token-Shuffle windows that reaches the line (``text.line_rows``). Drawing them, the model has seen
+    little of the letters there: the tops of the letters to the left (part of the same letter where it is
+    wider than a window), nothing above; the quoted bytes (or a guess from the letters before) must name it."""
     g = tw.glyph_map(sample, cell)
     out = np.zeros_like(g, dtype=bool)
-    rows = np.nonzero(g.any(1))[0]
-    starts = rows[np.r_[True, np.diff(rows) > 1]]                   # each line's first token row
-    for r in starts:
-        w0 = r // window * window
-        out[w0:w0 + window] |= g[w0:w0 + window] > 0
+    for rows in tw.line_rows(sample, cell):
+        first = rows[rows < rows[0] // window * window + window]      # the band's rows in its first window row
+        out[first] = g[first] > 0
     return torch.from_numpy(out.reshape(-1))
 
 
@@ -83,6 +81,8 @@ def teacher_forced(pipe, samples: list, texts: list[str], guidance: float, uncon
     unconditional branch drops ``all`` of the condition (as sampling does) or only the ``bytes`` (the rest
     of the prompt kept: a guidance towards the quoted text alone, a condition training never drops alone)."""
     model, vocab = pipe.model, pipe.model.vocab
+    if any(f'"{s.text}"' not in s.caption for s in samples):
+        raise ValueError("a scene's caption does not quote its text: the other text could not be put in its place")
     prompts = [s.caption.replace(f'"{s.text}"', f'"{t}"') for s, t in zip(samples, texts)]
     codes = pipe.tokenizer.encode([s.image for s in samples])                         # (b, N) local ids
     image_ids = vocab.to_unified("image", codes)
@@ -118,14 +118,13 @@ def arm(pipe, samples, texts, guidance: float, batch: int, uncond: str = "all") 
         n_ink += int(ink.sum())
         nll = -torch.log_softmax(logits, -1).gather(-1, codes[..., None])[..., 0]
         nll_ink += float(nll[ink].sum())
-        on_top = torch.stack([top_cells(s, cell, window) for s in chunk])
-        top = on_top & ink
+        top = torch.stack([top_cells(s, cell, window) for s in chunk]) & ink
         nll_top += float(nll[top].sum())
         n_top += int(top.sum())
         if pipe.model.config.glyph_head:
             letters = torch.stack([torch.from_numpy(tw.glyph_map(s, cell).reshape(-1)) for s in chunk]).long()
             read = pipe.model.glyph_head(states).argmax(-1) == letters
-            for key, cells in (("line", letters > 0), ("top", on_top)):
+            for key, cells in (("line", letters > 0), ("top", top)):
                 glyph[key][0] += int(read[cells].sum())
                 glyph[key][1] += int(cells.sum())
         for s, row, row_ink in zip(chunk, nll, ink):
@@ -146,6 +145,7 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="checkpoints/text")
     ap.add_argument("--n", type=int, default=8, help="short and long scenes each (default 8: 16 pages)")
+    ap.add_argument("--quick", action="store_true", help="2 short and 2 long scenes (overrides --n)")
     ap.add_argument("--guidance", type=float, default=1.0, help="constant guidance scale (1: conditional only)")
     ap.add_argument("--uncond", choices=("all", "bytes"), default="all",
                     help="what the unconditional branch drops when --guidance is not 1: the whole condition "
@@ -153,6 +153,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--scenes-seed", type=int, default=TEXT_TUNING_SEED)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n = 2
     if args.n < 1:
         ap.error("--n must be at least 1")
     t0 = time.time()

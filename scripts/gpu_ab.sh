@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two AR recipes trained one after the other for the same minutes on the device machine, returned together:
-#   A=recipes/text_ar_ts4_gpu.yaml B=recipes/text_ar_ts4_gpu_glyph.yaml MINUTES=4.3 bash scripts/gpu_ab.sh
+#   A=recipes/text_ar_ts4_gpu_byte_index.yaml B=recipes/text_ar_ts4_gpu_glyph.yaml MINUTES=4.3 bash scripts/gpu_ab.sh
 # with carry ['.device'], as scripts/gpu_train.sh (which trains each arm; its env applies: TOKENIZER, WORKERS,
 # PRECISION, STEPS). Two arms' models are more files than the device tool returns (8), so both arms' folders
 # (fp16 parts, parts.json, model_config.json, metrics.jsonl) travel as one tar, split: OUT/ab.tar.part0..
@@ -9,8 +9,9 @@
 #   python scripts/device_tree.py join a a/model.safetensors          # and the same for b
 set -uo pipefail
 cd "$(dirname "$0")/.."
-A=${A:-recipes/text_ar_ts4_gpu.yaml}
-B=${B:-recipes/text_ar_ts4_gpu_glyph.yaml}  # byte_index + the glyph head; text_ar_ts4_gpu_byte_index.yaml: byte_index alone
+# the glyph head's A/B: the two recipes differ only by it (tests/train/test_recipes.py)
+A=${A:-recipes/text_ar_ts4_gpu_byte_index.yaml}
+B=${B:-recipes/text_ar_ts4_gpu_glyph.yaml}
 OUT=${OUT:-runs/gpu_out}
 PY=${PY:-python3}
 WORK=$(mktemp -d) || exit 1

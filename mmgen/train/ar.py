@@ -88,8 +88,10 @@ def check_same_tokenizer(trained, tokenizer, where: str) -> None:
 
 def init_model_from(model: MMGenTransformer, directory: str, tokenizer=None) -> None:
     """Copy a trained model's weights (a pipeline folder, or its model/ part) into ``model``, e.g. a 256x256
-    run into the same model on 512x512 pages. Raises ValueError when the architectures differ, or (given a
-    pipeline and ``tokenizer``) when the run's tokenizer is not the one the model was trained over."""
+    run into the same model on 512x512 pages. ``model`` may have parts the trained one lacks
+    (``INIT_ADDED_PARTS``: the glyph head, the byte index embedding); they keep their fresh initialisation.
+    Raises ValueError when the architectures differ otherwise, or (given a pipeline and ``tokenizer``) when
+    the run's tokenizer is not the one the model was trained over."""
     folder = Path(directory)
     if (folder / "model_index.json").is_file():
         if tokenizer is not None:
@@ -196,7 +198,11 @@ def check_glyph_setup(model: MMGenTransformer, weight: float, tr: dict, data: st
                          "step (no --data, no training.cache_images)")
     if model.shuffle is None:
         raise ValueError("the glyph head is trained through Token-Shuffle's image path: shuffle_window > 1")
-    return tokenizer.config.image_size // tokenizer.layout.grid[1]
+    (h, w), size = tokenizer.layout.grid, tokenizer.config.image_size
+    if h != w or size % w:
+        raise ValueError(f"the glyph maps need a square grid of square cells; the tokenizer's is {h}x{w} tokens "
+                         f"on {size} px")
+    return size // w
 
 
 def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | None = None, resume: bool = False,
@@ -205,7 +211,8 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
              data_workers: int = 0, precision: str = "no", time_schedule: bool = False,
              profile: bool = False) -> Path:
     """Returns the pipeline folder (output/pipeline). ``max_minutes`` stops (and saves) early. ``init``: a
-    trained pipeline whose model weights start this run (fresh optimizer and schedule); ``training.image_size``
+    trained pipeline whose model weights start this run (fresh optimizer and schedule; ``INIT_ADDED_PARTS`` may
+    be added to it); ``training.image_size``
     runs the tokenizer on another canvas (``GridImageTokenizer.at_image_size``). ``data_workers``: render the
     world in that many processes (see ``training_batches``). ``precision``: ``no`` (fp32) or ``bf16`` autocast
     (for an accelerator; on this CPU bf16 runs several times slower). ``time_schedule``: the cosine follows the
@@ -348,8 +355,10 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         with autocast:
             prefix = unwrapped.prefix(cond.states, cond.mask, drop=drop)
             if glyphs:  # and the letter under each token's cell from the state that draws it (MMGenTransformer.forward)
+                # not asked where the condition was dropped: there no byte names the letter
+                letters = torch.where(drop[:, None, None], 0, glyphs[0])
                 image_loss, glyph_loss = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1],
-                                                 target=ids[:, n_start:-1], glyph_target=glyphs[0])
+                                                 target=ids[:, n_start:-1], glyph_target=letters)
                 loss = image_loss + glyph_w * glyph_loss
             elif shuffled:  # Token-Shuffle: every image token from its window's position; the length is fixed, no <eoi>
                 loss = wrapped(prefix, ids[:, :n_start], image_ids=ids[:, n_start:-1], target=ids[:, n_start:-1])
@@ -370,9 +379,9 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         if step % log_every == 0:
             el = time.time() - t_start
             extra_row = {"see_loss": see_loss.item()} if see_data is not None else {}
-            if glyphs:  # loss stays the image tokens' cross-entropy, comparable with runs without the head
+            if glyphs:  # loss stays what runs without the head log (image tokens, + see task)
                 extra_row.update(glyph_loss=glyph_loss.item(), total_loss=loss.item())
-                loss = image_loss
+                loss = loss - glyph_w * glyph_loss
             metrics.log(step, minutes0, loss=loss.item(), lr=opt.param_groups[0]["lr"],
                         tokens_per_s=tokens_seen * acc.num_processes / max(el, 1e-9),
                         data_wait_s=data_wait / log_every, **extra_row)

@@ -167,8 +167,6 @@ def render(text: str, font_name: str = "sans", size: str = "medium", color: str 
         raise ValueError(f"unknown text colour {color!r}; choose from {sorted(COLORS)}")
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; choose from {sorted(BACKGROUNDS)}")
-    if align not in ALIGNS:
-        raise ValueError(f"unknown alignment {align!r}; choose from {ALIGNS}")
     if not isinstance(canvas, int) or canvas < 64:
         raise ValueError(f"canvas must be an integer of at least 64 pixels, got {canvas!r}")
     f, placed = layout(text, font_name, size, align, canvas)
@@ -197,23 +195,31 @@ def layout(text: str, font_name: str, size: str, align: str, canvas: int
     return f, placed
 
 
-def glyph_map(sample: "TextSample", cell: int) -> np.ndarray:
-    """The letter drawn over each ``cell`` x ``cell`` block of a page: (canvas / cell, canvas / cell) uint8,
-    the character's byte where the block's centre lies in a line's band (its font's ascent to descent) within
-    that character's advance, 0 elsewhere (spaces are 32). What a model writing the page by blocks must choose
-    at each one (``ARConfig.glyph_head``)."""
+def line_rows(sample: "TextSample", cell: int) -> list[np.ndarray]:
+    """Per wrapped line, the rows of ``cell`` x ``cell`` blocks whose centre lies in the line's band (its
+    font's ascent to descent below where ``render`` draws it), top to bottom. Lines are
+    ``round(1.25 * font size)`` apart and a band is about 1.16 font sizes tall, so bands never share a row."""
     if sample.canvas % cell:
         raise ValueError(f"the cell ({cell} px) must divide the canvas ({sample.canvas} px)")
     f, placed = layout(sample.text, sample.font, sample.size, sample.align, sample.canvas)
     ascent, descent = f.getmetrics()
-    px = font_px(sample.size, sample.canvas)
+    centres = np.arange(sample.canvas // cell) * cell + cell / 2
+    return [np.nonzero((centres >= y) & (centres < y + ascent + descent))[0] for _, _, y in placed]
+
+
+def glyph_map(sample: "TextSample", cell: int) -> np.ndarray:
+    """The letter drawn over each ``cell`` x ``cell`` block of a page: (canvas / cell, canvas / cell) uint8,
+    the character's byte where the block's centre lies in a line's band (``line_rows``) within that
+    character's advance, 0 elsewhere (spaces are 32). What a model writing the page by blocks must choose
+    at each one (``ARConfig.glyph_head``)."""
+    f, placed = layout(sample.text, sample.font, sample.size, sample.align, sample.canvas)
     n = sample.canvas // cell
     centres = np.arange(n) * cell + cell / 2
     out = np.zeros((n, n), np.uint8)
-    for line, x, y in placed:
-        rows = (centres >= y) & (centres < y + ascent + descent)
-        # advance edges: x + the width of each prefix, measured as render measures lines
-        edges = x + np.array([text_length(sample.font, px, line[:k]) for k in range(len(line) + 1)])
+    for (line, x, _), rows in zip(placed, line_rows(sample, cell)):
+        # advance edges: x + the width of each prefix, measured as render measures lines (not through the
+        # text_length cache, which these one-off prefixes would only crowd)
+        edges = x + np.array([f.getlength(line[:k]) for k in range(len(line) + 1)])
         k = np.searchsorted(edges, centres, side="right") - 1             # the character whose advance holds it
         inside = (k >= 0) & (k < len(line))
         codes = np.where(inside, np.frombuffer(line.encode("ascii"), np.uint8)[k.clip(0, len(line) - 1)], 0)

@@ -70,6 +70,10 @@ def test_a_text_run_trains_it_and_init_may_add_it(tmp_path):
     assert len(rows) == 2 and all(r["glyph_loss"] > 0 for r in rows)
     for r in rows:  # loss stays the image loss, comparable with runs without the head
         assert abs(r["total_loss"] - (r["loss"] + 0.5 * r["glyph_loss"])) < 1e-4
+    train_ar(_recipe(tmp_path, "dropped", {"glyph_head": True}, glyph_weight=0.5, cond_dropout=1.0, steps=1), tok,
+             str(tmp_path / "dropped"), progress=False)
+    dropped = json.loads((tmp_path / "dropped" / "metrics.jsonl").read_text().splitlines()[0])
+    assert dropped["glyph_loss"] == 0.0  # no letter is asked where no byte names it
     src, got = (load_file(str(p / "model" / "model.safetensors")) for p in (plain, out))
     assert set(got) - set(src) == {"glyph_head.weight", "glyph_head.bias"}
     assert all(torch.equal(src[k], got[k]) for k in src)  # lr 0: the trained weights, the head added fresh
