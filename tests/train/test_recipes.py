@@ -24,8 +24,7 @@ class _Grid:
 AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_image.yaml",
                 "text_ar_ts4.yaml": "binary_text.yaml", "text_ar_512_ts4.yaml": "binary_text.yaml",
                 "text_ar_ts4_gpu.yaml": "binary_text.yaml", "text_ar_ts4_gpu_byte_index.yaml": "binary_text.yaml",
-                "text_ar_ts4_gpu_glyph.yaml": "binary_text.yaml", "text_ar_ts4_cpu_finetune.yaml": "binary_text.yaml",
-                "text_ar_ts4_cpu_finetune_glyph.yaml": "binary_text.yaml",
+                "text_ar_ts4_gpu_glyph.yaml": "binary_text.yaml",
                 "text_ar_ts4_bitwise.yaml": "binary_text_pages.yaml",
                 "seed_ar.yaml": "seed.yaml", "seed_p4_ar.yaml": "seed_p4_slots_long_stage2_long_probe.yaml"}
 
@@ -84,7 +83,8 @@ def test_a_second_stage_recipe_keeps_the_architecture_it_starts_from():
     first = yaml.safe_load((ROOT / "tokenizers" / "binary_text.yaml").read_text())
     for later in ("binary_text_stage2.yaml", "binary_text_stage3.yaml", "binary_text_stage3_gpu.yaml",
                   "binary_text_pages.yaml",
-                  "binary_text_pages_lowent.yaml", "binary_text_pages_flat.yaml", "binary_text_decoder_pages.yaml"):
+                  "binary_text_pages_lowent.yaml", "binary_text_pages_flat.yaml", "binary_text_decoder_pages.yaml",
+                  "binary_text_decoder_anneal.yaml", "binary_text_decoder_flat.yaml"):
         second = yaml.safe_load((ROOT / "tokenizers" / later).read_text())
         assert first["type"] == second["type"] and first["architecture"] == second["architecture"], later
 
@@ -97,10 +97,9 @@ def test_the_byte_index_arm_differs_from_the_gpu_recipe_only_there():
     assert a == b
 
 
-@pytest.mark.parametrize("pair", [("text_ar_ts4_gpu_byte_index.yaml", "text_ar_ts4_gpu_glyph.yaml"),
-                                  ("text_ar_ts4_cpu_finetune.yaml", "text_ar_ts4_cpu_finetune_glyph.yaml")])
-def test_each_glyph_arm_differs_from_its_control_only_by_the_glyph_head(pair):
-    a, b = (yaml.safe_load((ROOT / "recipes" / n).read_text()) for n in pair)
+def test_the_glyph_arm_differs_from_its_control_only_by_the_glyph_head():
+    a, b = (yaml.safe_load((ROOT / "recipes" / n).read_text())
+            for n in ("text_ar_ts4_gpu_byte_index.yaml", "text_ar_ts4_gpu_glyph.yaml"))
     assert b["architecture"].pop("glyph_head") is True and b["training"].pop("glyph_weight") > 0
     assert a == b
 
