@@ -38,9 +38,12 @@ def test_weights_are_safetensors_small_and_over_the_shipped_tokenizer():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     assert sum(p.stat().st_size for p in files) < 50 * 2**20
     assert (CKPT / "README.md").is_file() and (CKPT / "eval.json").is_file()
+    # the shipped tokenizer's ids (encoder, projector, bits: every weight but the decoder's), its stage-4c decoder
     mine = load_file(str(CKPT / "tokenizer" / "model.safetensors"))
     shipped = load_file(str(ROOT / "checkpoints" / "text_tokenizer" / "model.safetensors"))
-    assert mine.keys() == shipped.keys() and all(torch.equal(mine[k], shipped[k]) for k in mine)
+    assert mine.keys() == shipped.keys()
+    assert all(torch.equal(mine[k], shipped[k]) for k in mine if not k.startswith("decoder."))
+    assert not all(torch.equal(mine[k], shipped[k]) for k in mine if k.startswith("decoder."))
 
 
 def test_writes_deterministic_256px_pages_16_tokens_a_step(pipe):
