@@ -212,9 +212,9 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
              profile: bool = False) -> Path:
     """Returns the pipeline folder (output/pipeline). ``max_minutes`` stops (and saves) early. ``init``: a
     trained pipeline whose model weights start this run (fresh optimizer and schedule; ``INIT_ADDED_PARTS`` may
-    be added to it); ``training.image_size``
-    runs the tokenizer on another canvas (``GridImageTokenizer.at_image_size``). ``data_workers``: render the
-    world in that many processes (see ``training_batches``). ``precision``: ``no`` (fp32) or ``bf16`` autocast
+    be added to it); ``training.image_size`` runs the tokenizer on another canvas
+    (``GridImageTokenizer.at_image_size``). ``data_workers``: render the world in that many processes (see
+    ``training_batches``). ``precision``: ``no`` (fp32) or ``bf16`` autocast
     (for an accelerator; on this CPU bf16 runs several times slower). ``time_schedule``: the cosine follows the
     share of ``max_minutes`` used when that is further along than the steps, so a run cut by the clock ends
     annealed. ``profile``: torch.profiler over five steps after the tenth (or the resumed step), its tables

@@ -199,12 +199,17 @@ def line_rows(sample: "TextSample", cell: int) -> list[np.ndarray]:
     """Per wrapped line, the rows of ``cell`` x ``cell`` blocks whose centre lies in the line's band (its
     font's ascent to descent below where ``render`` draws it), top to bottom. Lines are
     ``round(1.25 * font size)`` apart and a band is about 1.16 font sizes tall, so bands never share a row."""
+    return _placed_rows(sample, cell)[2]
+
+
+def _placed_rows(sample: "TextSample", cell: int):
+    """(the font, ``layout``'s placed lines, ``line_rows``), from one layout."""
     if sample.canvas % cell:
         raise ValueError(f"the cell ({cell} px) must divide the canvas ({sample.canvas} px)")
     f, placed = layout(sample.text, sample.font, sample.size, sample.align, sample.canvas)
     ascent, descent = f.getmetrics()
     centres = np.arange(sample.canvas // cell) * cell + cell / 2
-    return [np.nonzero((centres >= y) & (centres < y + ascent + descent))[0] for _, _, y in placed]
+    return f, placed, [np.nonzero((centres >= y) & (centres < y + ascent + descent))[0] for _, _, y in placed]
 
 
 def glyph_map(sample: "TextSample", cell: int) -> np.ndarray:
@@ -212,11 +217,11 @@ def glyph_map(sample: "TextSample", cell: int) -> np.ndarray:
     the character's byte where the block's centre lies in a line's band (``line_rows``) within that
     character's advance, 0 elsewhere (spaces are 32). What a model writing the page by blocks must choose
     at each one (``ARConfig.glyph_head``)."""
-    f, placed = layout(sample.text, sample.font, sample.size, sample.align, sample.canvas)
+    f, placed, bands = _placed_rows(sample, cell)
     n = sample.canvas // cell
     centres = np.arange(n) * cell + cell / 2
     out = np.zeros((n, n), np.uint8)
-    for (line, x, _), rows in zip(placed, line_rows(sample, cell)):
+    for (line, x, _), rows in zip(placed, bands):
         # advance edges: x + the width of each prefix, measured as render measures lines (not through the
         # text_length cache, which these one-off prefixes would only crowd)
         edges = x + np.array([f.getlength(line[:k]) for k in range(len(line) + 1)])
