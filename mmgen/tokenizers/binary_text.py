@@ -26,7 +26,7 @@ from torch import nn
 from .base import TokenLayout
 from .projector import LocalProjector
 from .quantizers import BinaryQuantizer
-from .vq_image import GridImageTokenizer, VQImageConfig, check_codec, codec_classes, images_to_tensor
+from .vq_image import GridImageTokenizer, VQImageConfig, codec_classes, images_to_tensor
 
 
 @dataclass
@@ -48,9 +48,14 @@ class BinaryTextConfig:
     entropy_group_bits: int = 7  # the batch-entropy term is exact within groups of this many bits
     norm: str = "none"           # conv blocks: "none" or "channel" (per-pixel LayerNorm; see vq_image.ChannelNorm)
     arch: str = "conv"           # "conv" (strided convs) or "patch" (vq_image.PatchEncoder / PatchDecoder)
+    decoder_context: int = 0     # patch decoder: width of the whole-page summary that modulates it
+    #                              (vq_image.PageContext; 0: none). Flat beige and flat white card share an id,
+    #                              so a decoder that sees a few tokens around a patch can only guess its colour
+    decoder_padding: str = "zeros"  # patch decoder: "zeros" or "replicate" padding of its 3x3 convs
 
     def __post_init__(self):
-        check_codec(self.arch, self.norm)
+        VQImageConfig(arch=self.arch, norm=self.norm, decoder_context=self.decoder_context,
+                      decoder_padding=self.decoder_padding)  # the codec's checks
 
 
 BINARY_TEXT_CONFIGS = {
@@ -85,7 +90,8 @@ class BinaryTextTokenizer(GridImageTokenizer):
         self.to_bits = nn.Linear(d, config.bits)
         self.quantizer = BinaryQuantizer(config.bits, config.commit_weight, config.entropy_weight,
                                          config.diversity_gamma, group_bits=config.entropy_group_bits)
-        self.decoder = dec(VQImageConfig(**conv, code_dim=config.bits))
+        self.decoder = dec(VQImageConfig(**conv, code_dim=config.bits, decoder_context=config.decoder_context,
+                                         decoder_padding=config.decoder_padding))
         self.layout = TokenLayout("grid2d", (g, g))
         self.vocab_size = 2 ** config.bits
 

@@ -37,9 +37,19 @@ class VQImageConfig:
     beta: float = 0.25
     norm: str = "none"           # "none" (the shipped shapes tokenizer) or "channel" (per-pixel LayerNorm)
     arch: str = "conv"           # "conv": strided convs (shapes); "patch": linear patch codec + residual convs (text)
+    decoder_context: int = 0     # patch decoder only: width of the page summary that modulates it (PageContext); 0: none
+    decoder_padding: str = "zeros"  # patch decoder only: its 3x3 convs pad with "zeros" or "replicate" (the page
+    #                                 goes on past its border; zeros are grey in code and pixel space alike)
 
     def __post_init__(self):
         check_codec(self.arch, self.norm)
+        if self.decoder_context < 0:
+            raise ValueError(f"decoder_context must be 0 (none) or a width, got {self.decoder_context}")
+        if self.decoder_padding not in ("zeros", "replicate"):
+            raise ValueError(f"decoder_padding must be 'zeros' or 'replicate', got {self.decoder_padding!r}")
+        for name, plain in (("decoder_context", 0), ("decoder_padding", "zeros")):
+            if getattr(self, name) != plain and self.arch != "patch":
+                raise ValueError(f"{name} needs arch 'patch' (the patch decoder), got arch {self.arch!r}")
 
 
 NORMS = ("none", "channel")
@@ -133,11 +143,37 @@ class PatchEncoder(nn.Module):
         return self.net(x)
 
 
+class PageContext(nn.Module):
+    """A summary of the whole image's codes that modulates the patch decoder (FiLM: a per-channel scale and
+    shift of its features after the first conv and after each residual block). A patch decoder sees a few
+    tokens around each patch; where the codes of a flat patch are the same for two backgrounds (the binary
+    text tokenizer writes flat beige and flat white card with one id), only the rest of the page can tell
+    them apart. The codes pass a 3x3 conv and a 1x1 conv, are pooled over the whole grid (mean and max), and
+    a linear map, started at zero (so a decoder gains it unchanged), gives the scales and shifts."""
+
+    def __init__(self, code_dim: int, width: int, channels: int, n_film: int):
+        super().__init__()
+        self.channels, self.n_film = channels, n_film
+        self.embed = nn.Sequential(nn.Conv2d(code_dim, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 1))
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(2 * width, 2 * channels * n_film))
+        nn.init.zeros_(self.film[-1].weight)
+        nn.init.zeros_(self.film[-1].bias)
+
+    def forward(self, z) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        e = self.embed(z)
+        s = self.film(torch.cat([e.mean((2, 3)), e.amax((2, 3))], 1))
+        s = rearrange(s, "b (n two c) -> n two b c 1 1", n=self.n_film, two=2)
+        return [(1 + scale, shift) for scale, shift in s]
+
+
 class PatchDecoder(nn.Module):
     """The PatchEncoder's mirror: a 3x3 conv from the codes (so a token sees its neighbours' codes), residual
     conv blocks, a linear projection to each patch's pixels and depth-to-space (a sub-pixel convolution: a
     transposed convolution whose kernel equals its stride), then one residual 3x3 conv block at full
-    resolution, started at zero, that smooths the seams between patches."""
+    resolution, started at zero, that smooths the seams between patches. With ``decoder_context``, a
+    ``PageContext`` modulates the features at the token resolution; ``decoder_padding: replicate`` pads every
+    3x3 conv with its edge instead of zeros (zero padding left a pixel or two at the corners tens of levels off
+    the card, which the text checks count as ink)."""
 
     def __init__(self, c: VQImageConfig):
         super().__init__()
@@ -148,9 +184,21 @@ class PatchDecoder(nn.Module):
         self.refine = nn.Sequential(nn.Conv2d(3, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
         nn.init.zeros_(self.refine[-1].weight)
         nn.init.zeros_(self.refine[-1].bias)
+        self.context = PageContext(c.code_dim, c.decoder_context, d, 1 + c.res_blocks) if c.decoder_context else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                m.padding_mode = c.decoder_padding
 
     def forward(self, z):
-        x = self.net(z)
+        if self.context is None:
+            x = self.net(z)
+        else:
+            films, x = self.context(z), z
+            for i, layer in enumerate(self.net):
+                x = layer(x)
+                if i < len(films):
+                    scale, shift = films[i]
+                    x = x * scale + shift
         return x + self.refine(x)
 
 

@@ -116,23 +116,35 @@ def build_tokenizer(recipe: dict):
     return tokenizer_cls(cfg)
 
 
-# config fields that weigh the loss rather than shape the network: a run started with --init may change them
-LOSS_FIELDS = {"beta", "commit_weight", "entropy_weight", "diversity_gamma", "entropy_group_bits"}
+# config fields that weigh the loss rather than shape the network, and the decoder's padding mode (the same
+# weights, other values at the border, which training then adapts to): a run started with --init may change them
+INIT_MAY_DIFFER = {"beta", "commit_weight", "entropy_weight", "diversity_gamma", "entropy_group_bits",
+                   "decoder_padding"}
+
+# parts a run started with --init may add to a tokenizer that lacks them: config field -> the weights it adds
+INIT_ADDED_PARTS = {"decoder_context": "decoder.context."}
 
 
 def init_from(tok, directory: str) -> None:
     """Copy a trained tokenizer's weights into ``tok``; its type and architecture must equal ``tok``'s (the
-    loss weights in ``LOSS_FIELDS`` may differ)."""
+    fields in ``INIT_MAY_DIFFER`` may differ, and a part in ``INIT_ADDED_PARTS`` that it lacks may be added:
+    it keeps its fresh initialisation, which leaves the output unchanged)."""
     from mmgen.pipelines.text_to_image import load_tokenizer
 
     src = load_tokenizer(directory)
     theirs, ours = asdict(src.config), asdict(tok.config)
-    diff = {k: (theirs.get(k), ours.get(k)) for k in ours if k not in LOSS_FIELDS and theirs.get(k) != ours.get(k)}
-    if type(src) is not type(tok) or diff:
+    diff = {k: (theirs.get(k), ours.get(k)) for k in ours if k not in INIT_MAY_DIFFER and theirs.get(k) != ours.get(k)}
+    added = {k for k, (a, b) in diff.items() if k in INIT_ADDED_PARTS and not a and b}
+    refused = {k: v for k, v in diff.items() if k not in added}
+    if type(src) is not type(tok) or refused:
         raise ValueError(f"--init {directory} is a {src.type_name} tokenizer that differs from the recipe's "
-                         f"{tok.type_name}: " + (", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items())
+                         f"{tok.type_name}: " + (", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in refused.items())
                                                  or "another type"))
-    tok.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+    missing, unexpected = tok.load_state_dict({k: v.float() for k, v in src.state_dict().items()}, strict=False)
+    prefixes = tuple(INIT_ADDED_PARTS[k] for k in added)
+    wrong = [k for k in missing if not (prefixes and k.startswith(prefixes))] + list(unexpected)
+    if wrong:
+        raise ValueError(f"--init {directory}: weights that do not match the recipe's tokenizer: {wrong[:8]}")
 
 
 def trainable_parameters(tok, train_only: str | None) -> list:

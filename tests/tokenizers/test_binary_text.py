@@ -283,3 +283,79 @@ def test_gradient_loss_sees_faint_texture_that_l2_barely_does(tmp_path):
     recipe.write_text(recipe.read_text().replace("gradient_weight: 0.5", "gradient_weight: -1"))
     with pytest.raises(ValueError, match="gradient_weight"):
         train_tokenizer(str(recipe), str(tmp_path / "bad"), progress=False)
+
+
+def test_page_context_lets_a_patch_see_the_whole_page():
+    from mmgen.tokenizers.vq_image import PatchDecoder, VQImageConfig
+
+    cfg = dict(image_size=128, downsample=8, channels=8, latent_channels=16, res_blocks=1, code_dim=6, arch="patch")
+    torch.manual_seed(0)
+    z = torch.randn(2, 6, 16, 16)
+    far = z.clone()
+    far[:, :, 0, 0] = -far[:, :, 0, 0]  # one token in the top-left corner
+    for context in (0, 8):
+        torch.manual_seed(1)
+        dec = PatchDecoder(VQImageConfig(**cfg, decoder_context=context)).eval()
+        if context:
+            plain = PatchDecoder(VQImageConfig(**cfg)).eval()
+            plain.load_state_dict({k: v for k, v in dec.state_dict().items() if not k.startswith("context.")})
+            assert torch.equal(dec(z), plain(z))  # the modulation starts at zero: the decoder it extends
+            torch.nn.init.normal_(dec.context.film[-1].weight, std=0.1)
+        with torch.no_grad():
+            moved = (dec(z) - dec(far))[..., -32:, -32:].abs().max()  # the bottom-right patches, 8+ tokens away
+        assert (moved > 1e-4) == bool(context)
+    with pytest.raises(ValueError, match="arch 'patch'"):
+        VQImageConfig(decoder_context=8)
+    with pytest.raises(ValueError, match="arch 'patch'"):
+        VQImageConfig(decoder_padding="replicate")
+    with pytest.raises(ValueError, match="'zeros' or 'replicate'"):
+        VQImageConfig(arch="patch", decoder_padding="reflect")
+    with pytest.raises(ValueError, match="decoder_context"):
+        VQImageConfig(arch="patch", decoder_context=-1)
+
+
+def test_a_decoder_trained_alone_may_gain_a_page_context_and_keeps_every_id(tmp_path):
+    from mmgen.data.shapes_data import text_world_batches
+    from mmgen.train.tokenizer import build_tokenizer, init_from, train_tokenizer
+
+    recipe = {"type": "binary_text", "architecture": {"size": "debug", "arch": "patch"}, "data": {"world": "text"},
+              "training": {"steps": 2, "batch_size": 2, "warmup": 1, "crop": 0}}
+    (tmp_path / "bt.yaml").write_text(yaml.safe_dump(recipe))
+    first = train_tokenizer(str(tmp_path / "bt.yaml"), str(tmp_path / "a"), progress=False)
+    recipe["architecture"]["decoder_context"] = 8
+    recipe["training"].update(train_only="decoder", steps=3, lr=0.01)
+    (tmp_path / "ctx.yaml").write_text(yaml.safe_dump(recipe))
+    before = load_tokenizer(first)
+    pages, _ = next(text_world_batches(3, seed=11, size=before.config.image_size))
+    gained = build_tokenizer(recipe)
+    init_from(gained, str(first))
+    ids = before.encode(pages)
+    assert torch.equal(gained.encode(pages), ids) and torch.equal(gained.decode(ids), before.decode(ids))
+    tuned = load_tokenizer(train_tokenizer(str(tmp_path / "ctx.yaml"), str(tmp_path / "b"), init=str(first),
+                                           progress=False))
+    assert tuned.config.decoder_context == 8 and torch.equal(tuned.encode(pages), ids)
+    assert tuned.decoder.context.film[-1].weight.abs().sum() > 0  # it trained
+    # the other way would drop a trained part: refused, as is any other difference
+    recipe["architecture"]["decoder_context"] = 0
+    with pytest.raises(ValueError, match="decoder_context 8 vs 0"):
+        init_from(build_tokenizer(recipe), str(tmp_path / "b" / "tokenizer"))
+
+
+@pytest.mark.parametrize("padding", ["zeros", "replicate"])
+def test_replicate_padding_decodes_a_flat_page_flat_to_its_corners(padding):
+    from mmgen.tokenizers.vq_image import PatchDecoder, VQImageConfig
+
+    torch.manual_seed(0)
+    dec = PatchDecoder(VQImageConfig(image_size=64, downsample=8, channels=8, latent_channels=16, res_blocks=1,
+                                     code_dim=6, arch="patch", decoder_padding=padding)).eval()
+    torch.nn.init.normal_(dec.refine[-1].weight, std=0.1)  # a trained refinement, not the identity it starts as
+    with torch.no_grad():
+        # every token the same code: at the token resolution every patch comes out the same, corners included
+        x = dec.net(torch.randn(1, 6, 1, 1).sign().expand(1, 6, 8, 8))
+        patches = x.unfold(2, 8, 8).unfold(3, 8, 8).reshape(1, 3, 64, 8, 8)
+        spread = (patches - patches[:, :, 27:28]).abs().amax()  # against a patch in the middle
+        # a flat colour stays flat through the full-resolution refinement, to the corner pixels
+        flat = torch.full((1, 3, 64, 64), 0.3)
+        refined = flat + dec.refine(flat)
+        corner = (refined - refined[:, :, 32:33, 32:33]).abs().amax()
+    assert (spread < 1e-5) == (corner < 1e-5) == (padding == "replicate")
