@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmgen.eval import text_eval  # noqa: E402
-from mmgen.eval.text_run import eval_scenes  # noqa: E402
+from mmgen.eval.text_run import TEXT_EVAL_SEED, eval_scenes  # noqa: E402
 from mmgen.pipelines.text_to_image import load_tokenizer  # noqa: E402
 from mmgen.tokenizers.vq_image import images_to_tensor, tensor_to_images  # noqa: E402
 from mmgen.worlds.text import BACKGROUNDS  # noqa: E402
@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="5 short and 5 long scenes")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--per-page", action="store_true", help="print every page's CER for each tokenizer")
+    ap.add_argument("--scenes-seed", type=int, default=TEXT_EVAL_SEED,
+                    help="seed of the scenes (default text-eval's; another, e.g. 950001, to choose between "
+                         "tokenizers without looking at the reported scenes)")
     ap.add_argument("--crop-probe", action="store_true",
                     help="binary tokenizers: card_off of each page's top-left 64x64 encoded alone vs in the page")
     args = ap.parse_args()
@@ -144,9 +147,10 @@ def main() -> None:
     if len(sizes) != 1:
         raise SystemExit(f"error: the tokenizers take different canvases {sorted(sizes)}; compare like with like")
     canvas = sizes.pop()
-    samples = eval_scenes(args.n or (5 if args.quick else 40), canvas)
+    samples = eval_scenes(args.n or (5 if args.quick else 40), canvas, seed=args.scenes_seed)
     ceiling = judge_all([s.image for s in samples], samples, "ocr originals")
-    figures = {"canvas": canvas, "scenes": len(samples), "ceiling_cer": round(ceiling["all"]["cer"], 4),
+    figures = {"canvas": canvas, "scenes": len(samples), "scenes_seed": args.scenes_seed,
+               "ceiling_cer": round(ceiling["all"]["cer"], 4),
                "ceiling": ceiling, "tokenizers": {}}
     print(json.dumps({"ceiling": ceiling}), file=sys.stderr)
     per_page = {}
