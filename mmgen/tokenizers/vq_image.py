@@ -37,7 +37,7 @@ class VQImageConfig:
     beta: float = 0.25
     norm: str = "none"           # "none" (the shipped shapes tokenizer) or "channel" (per-pixel LayerNorm)
     arch: str = "conv"           # "conv": strided convs (shapes); "patch": linear patch codec + residual convs (text)
-    decoder_context: int = 0     # patch decoder only: width of the page summary that modulates it (PageContext); 0: none
+    decoder_context: int = 0     # patch decoder only: width of the page summary that modulates it (PageContext)
     decoder_padding: str = "zeros"  # patch decoder only: its 3x3 convs pad with "zeros" or "replicate" (the page
     #                                 goes on past its border; zeros are grey in code and pixel space alike)
 
@@ -153,7 +153,7 @@ class PageContext(nn.Module):
 
     def __init__(self, code_dim: int, width: int, channels: int, n_film: int):
         super().__init__()
-        self.channels, self.n_film = channels, n_film
+        self.n_film = n_film
         self.embed = nn.Sequential(nn.Conv2d(code_dim, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 1))
         self.film = nn.Sequential(nn.SiLU(), nn.Linear(2 * width, 2 * channels * n_film))
         nn.init.zeros_(self.film[-1].weight)
