@@ -161,7 +161,9 @@ class PageContext(nn.Module):
 
     def forward(self, z) -> list[tuple[torch.Tensor, torch.Tensor]]:
         e = self.embed(z)
-        s = self.film(torch.cat([e.mean((2, 3)), e.amax((2, 3))], 1))
+        pooled = torch.cat([e.mean((2, 3)), e.amax((2, 3))], 1)  # (b, 2 * width)
+        # one image at a time: a matmul's blocking depends on the batch, and an image must not
+        s = torch.cat([self.film(row) for row in pooled.split(1)])
         s = rearrange(s, "b (n two c) -> n two b c 1 1", n=self.n_film, two=2)
         return [(1 + scale, shift) for scale, shift in s]
 
