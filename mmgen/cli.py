@@ -436,8 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "
                     "checkpoints/text_tokenizer; (seed-decoder) from this SEED tokenizer's decoder, e.g. "
                     "checkpoints/seed/tokenizer; (ar) from this pipeline's model weights, e.g. a 256x256 run for "
-                    "recipes/text_ar_512_ts4.yaml (fresh optimizer and schedule; the recipe must match it, but may add "
-                    "glyph_head or byte_index, which start fresh)")
+                    "recipes/text_ar_512_ts4.yaml (fresh optimizer and schedule; the recipe must match it, but an ar "
+                    "recipe may add glyph_head or byte_index and a tokenizer recipe decoder_context, which start "
+                    "fresh, and change decoder_padding)")
     tr.set_defaults(func=cmd_train)
 
     cp = sub.add_parser("caption", help="image -> text (SEED checkpoints: the model that draws also sees)",

@@ -170,8 +170,8 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     """Train the recipe's tokenizer into ``output``. ``time_schedule``: the cosine follows the share of
     ``max_minutes`` used when that is further along than the steps (as in ``train_ar``). ``init``: a trained
     tokenizer folder to start from (its weights; the optimizer and the learning-rate schedule start afresh),
-    which must match the recipe's architecture exactly; refused together with ``resume``, which continues a
-    run's own state instead."""
+    which must match the recipe's architecture but for ``INIT_MAY_DIFFER`` and ``INIT_ADDED_PARTS`` (see
+    ``init_from``); refused together with ``resume``, which continues a run's own state instead."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     recipe = read_yaml(recipe_path)
@@ -191,6 +191,9 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
     tok = build_tokenizer(recipe)
+    if int(tr.get("crop", 0)) and getattr(tok.config, "decoder_context", 0):
+        raise ValueError("architecture.decoder_context summarises the whole page, so it must train on whole pages "
+                         "(training.crop: 0), not on crops it would summarise instead")
     if init is not None:
         if resume:
             raise ValueError("--init starts a new run from a tokenizer's weights; --resume continues a run: "

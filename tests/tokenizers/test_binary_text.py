@@ -331,10 +331,23 @@ def test_a_decoder_trained_alone_may_gain_a_page_context_and_keeps_every_id(tmp_
     init_from(gained, str(first))
     ids = before.encode(pages)
     assert torch.equal(gained.encode(pages), ids) and torch.equal(gained.decode(ids), before.decode(ids))
+    # as the shipped stage 4d: the padding changes too (the same weights), and it is kept through save and load
+    recipe["architecture"]["decoder_padding"] = "replicate"
+    (tmp_path / "ctx.yaml").write_text(yaml.safe_dump(recipe))
     tuned = load_tokenizer(train_tokenizer(str(tmp_path / "ctx.yaml"), str(tmp_path / "b"), init=str(first),
                                            progress=False))
     assert tuned.config.decoder_context == 8 and torch.equal(tuned.encode(pages), ids)
     assert tuned.decoder.context.film[-1].weight.abs().sum() > 0  # it trained
+    pads = {m.padding_mode for t in (tuned, tuned.at_image_size(128)) for m in t.decoder.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)}
+    assert pads == {"replicate"}
+    # a summary of a crop is not a summary of the page
+    recipe["training"]["crop"] = 32
+    (tmp_path / "crop.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="whole pages"):
+        train_tokenizer(str(tmp_path / "crop.yaml"), str(tmp_path / "c"), init=str(first), progress=False)
+    assert not (tmp_path / "c").exists()
+    recipe["training"]["crop"] = 0
     # the other way would drop a trained part: refused, as is any other difference
     recipe["architecture"]["decoder_context"] = 0
     with pytest.raises(ValueError, match="decoder_context 8 vs 0"):
