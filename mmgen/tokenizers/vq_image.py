@@ -192,15 +192,12 @@ class PatchDecoder(nn.Module):
                 m.padding_mode = c.decoder_padding
 
     def forward(self, z):
-        if self.context is None:
-            x = self.net(z)
-        else:
-            films, x = self.context(z), z
-            for i, layer in enumerate(self.net):
-                x = layer(x)
-                if i < len(films):
-                    scale, shift = films[i]
-                    x = x * scale + shift
+        films, x = (self.context(z) if self.context is not None else []), z
+        for i, layer in enumerate(self.net):
+            x = layer(x)
+            if i < len(films):  # after the first conv and each residual block
+                scale, shift = films[i]
+                x = x * scale + shift
         return x + self.refine(x)
 
 
