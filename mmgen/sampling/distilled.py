@@ -86,8 +86,8 @@ def teacher_tokens(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None
                    noise: torch.Tensor, token_range: tuple[int, int], codebook: torch.Tensor, options,
                    progress: bool = False):
     """Map noise (b, N, D) (one vector per image token, raster order) to the teacher's tokens (b, N) (unified
-    ids) by running it position by position with the flow map; the teacher's guidance, temperature, top-k and
-    top-p shape each position's distribution. Returns (ids, record)."""
+    ids) by running it position by position with the flow map; the teacher's guidance, temperature, top-k,
+    top-p and min-p shape each position's distribution. Returns (ids, record)."""
     options = (options or SamplingOptions()).validate()
     k = model.tokens_per_step
     b, n, dim = noise.shape
@@ -99,7 +99,7 @@ def teacher_tokens(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None
     def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
         v = logits.shape[-1]
         flat = logits.reshape(b * k, v) / options.temperature
-        probs = filter_logits(flat, options.top_k, options.top_p).softmax(-1)
+        probs = filter_logits(flat, options.top_k, options.top_p, options.min_p).softmax(-1)
         return flow_map(probs, codebook, per_step[:, step].reshape(b * k, dim)).view(b, k)
 
     ids, record = sample_ar(model, prefix, null_prefix, start_ids, n, token_range, options, None, progress,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmgen.sampling.ar import SamplingOptions, filter_logits, guided, sample_ar
+from mmgen.sampling.ar import SamplingOptions, filter_logits, guided, sample_ar, sample_next
 from tests.conftest import make_debug_model
 
 
@@ -64,7 +64,23 @@ def test_filters_and_guidance_math():
     assert torch.equal(guided(c, u, 1.0), c) and torch.equal(guided(c, u, 0.0), u)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1), dict(guidance_scale=-1)])
+def test_min_p_cuts_the_tail_where_the_model_is_sure_and_not_where_it_is_not():
+    sure = torch.log(torch.tensor([[0.94, 0.03, 0.02, 0.01]]))
+    unsure = torch.log(torch.tensor([[0.3, 0.28, 0.25, 0.17]]))
+    assert (~torch.isinf(filter_logits(sure, 0, 1.0, 0.1))).tolist() == [[True, False, False, False]]
+    assert not torch.isinf(filter_logits(unsure, 0, 1.0, 0.1)).any()
+    assert (~torch.isinf(filter_logits(unsure, 0, 1.0, 0.6))).tolist() == [[True, True, True, False]]
+    assert torch.equal(filter_logits(sure, 0, 1.0, 0.0), sure)  # 0 is off
+    # the kept ids (here those at least 0.4 x 0.5 likely) are drawn in their own proportions
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    ids = sample_next(torch.log(probs).expand(20000, -1), SamplingOptions(min_p=0.4), torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], torch.tensor([0.625, 0.375]), atol=0.015)
+    assert SamplingOptions.from_dict({"min_p": 0.1}).min_p == 0.1
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1), dict(guidance_scale=-1),
+                                 dict(min_p=1.0), dict(min_p=-0.1)])
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingOptions(**bad).validate()
