@@ -140,3 +140,63 @@ def test_teacher_forced_reading_is_what_the_sampler_sees(pipe):
         assert bool(top[band[0]].any())
         assert not bool(top[band[band >= band[0] // 4 * 4 + 4]].any())
     assert int(top.any(1).sum()) <= 4 * len(bands)
+
+
+def test_post_training_draws_each_token_as_the_sampler_would_after_the_same_tokens(pipe):
+    """mmgen/train/decoder_post.py: given the tokens before it, each token is drawn from the distribution the
+    cached sampler draws it from (the same guidance, ramped over the same steps, the same byte slot and
+    unconditional branch). Greedy (top-k 1), a page the sampler wrote is drawn again as it is."""
+    from mmgen.train.decoder_post import generated_ids, window_index
+
+    steps = window_index(pipe.model, 4096).view(64, 64)
+    assert steps[0, 0] == steps[3, 3] == 0 and steps[0, 4] == 1 and steps[4, 0] == 16 and steps[63, 63] == 255
+    opts = pipe.options(top_k=1)
+    assert opts.guidance_scale == 3.0 and opts.cfg_schedule == "linear"
+    with torch.no_grad():
+        ids, _ = pipe._autoregressive([PROMPT], torch.Generator().manual_seed(0), opts, None, False, None, None)
+    written = pipe.model.vocab.to_local("image", ids)
+    again = generated_ids(pipe, [PROMPT], written, opts, torch.Generator().manual_seed(1))
+    assert (again != written).float().mean() < 0.002  # float rounding may flip a near-tie, no more
+    # with the guidance held constant instead, the same tokens are not what it draws
+    other = generated_ids(pipe, [PROMPT], written, pipe.options(top_k=1, cfg_schedule="constant"),
+                          torch.Generator().manual_seed(1))
+    assert (other != written).float().mean() > 0.01
+
+
+def test_decoder_post_training_on_the_models_own_tokens(tmp_path):
+    """tokenizers/binary_text_decoder_post.yaml, one step: half the batch decoded from the ids the shipped model
+    draws (some differ from the page's), only the decoder moves, every id stays; what cannot work is refused
+    before any training."""
+    import json
+
+    import yaml
+
+    from mmgen.train.tokenizer import train_tokenizer
+
+    recipe = yaml.safe_load((ROOT / "tokenizers" / "binary_text_decoder_post.yaml").read_text())
+    recipe["training"].update(steps=1, batch_size=2, log_every=1, save_every=1, generator=str(CKPT))
+
+    def run(name, **training):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**recipe, "training": {**recipe["training"], **training}}))
+        return train_tokenizer(str(path), str(tmp_path / name), init=str(CKPT / "tokenizer"), progress=False)
+
+    before = load_tokenizer(CKPT / "tokenizer").state_dict()
+    after = load_tokenizer(run("ok")).state_dict()
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    row = json.loads((tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 < row["generated_changed"] < 0.5
+    for bad, says in ((dict(train_only=None), "train_only: decoder"), (dict(generated_share=1.0), "true ids"),
+                      (dict(crop=64), "whole pages"), (dict(generator_sampling={"min_p": 2}), "min_p")):
+        with pytest.raises(ValueError, match=says):
+            run("bad", **bad)
+    # a decoder whose encoder gives other ids than the ones the model was trained over
+    tok = load_tokenizer(CKPT / "tokenizer").float()
+    with torch.no_grad():
+        next(p for n, p in tok.named_parameters() if n.startswith("encoder.")).mul_(-1)
+    tok.save_pretrained(tmp_path / "other_ids")
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="other ids"):
+        train_tokenizer(str(path), str(tmp_path / "other"), init=str(tmp_path / "other_ids"), progress=False)

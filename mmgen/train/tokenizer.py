@@ -91,7 +91,8 @@ TOKENIZER_RECIPE_SECTIONS = {"type": None, "architecture": None, "codebook": Non
                              "data": {"world"},
                              "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "edge_weight",
                                           "l1_weight", "gradient_weight", "crop", "crop_candidates", "restart_every",
-                                          "unquantized_warmup", "save_every", "log_every", "seed", "train_only"}}
+                                          "unquantized_warmup", "save_every", "log_every", "seed", "train_only",
+                                          "generator", "generated_share", "generator_sampling"}}
 
 
 def tokenizer_type(recipe: dict) -> tuple:
@@ -163,6 +164,59 @@ def trainable_parameters(tok, train_only: str | None) -> list:
     return list(tok.decoder.parameters())
 
 
+def post_training_setup(tr: dict, tok, crop: int | None, batch: int):
+    """``training.generator`` (a text-to-image pipeline folder trained over this tokenizer's ids): post-train the
+    decoder on the ids that pipeline's model writes (``mmgen/train/decoder_post.py``) for a share
+    ``training.generated_share`` of each batch's pages, drawn with the pipeline's sampling defaults updated by
+    ``training.generator_sampling``. Refused, before any work, where it cannot mean what it says."""
+    if "generator" not in tr:
+        if "generated_share" in tr or "generator_sampling" in tr:
+            raise ValueError("training.generated_share and generator_sampling need training.generator")
+        return None
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+    from mmgen.sampling.ar import SamplingOptions
+
+    if tr.get("train_only") != "decoder":
+        raise ValueError("training.generator post-trains the decoder on the ids a trained generator writes: set "
+                         "training.train_only: decoder, so the ids (and the generator trained over them) stay valid")
+    if crop is not None:
+        raise ValueError("training.generator decodes the generator's whole pages: set training.crop: 0")
+    share = float(tr.get("generated_share", 0.5))
+    count = round(share * batch)
+    if not 0.0 < share < 1.0 or not 1 <= count < batch:
+        raise ValueError(f"training.generated_share must give at least one page of a batch of {batch} generated ids "
+                         f"and keep at least one on its true ids, got {share}")
+    pipe = TextToImagePipeline.from_pretrained(tr["generator"])
+    if (pipe.tokenizer.vocab_size != tok.vocab_size or pipe.tokenizer.layout.grid != tok.layout.grid
+            or pipe.tokenizer.config.image_size != tok.config.image_size):
+        raise ValueError(f"the generator {tr['generator']} draws {pipe.tokenizer.layout.grid} grids of "
+                         f"{pipe.tokenizer.vocab_size} ids at {pipe.tokenizer.config.image_size} px; this tokenizer "
+                         f"has {tok.layout.grid} of {tok.vocab_size} at {tok.config.image_size}")
+    options = SamplingOptions.from_dict({**pipe.defaults, **tr.get("generator_sampling", {})},
+                                        "training.generator_sampling")
+    return pipe, count, options
+
+
+def decode_generated(tok, post, x: torch.Tensor, captions: list[str], gen: torch.Generator, check: bool):
+    """The batch's first pages decoded from the ids the generator writes for them (see ``post_training_setup``)
+    -> (those reconstructions, the share of their ids that differ from the true ones). ``check``: the
+    generator's own tokenizer must give these pages the same ids (else it was trained over other ids, and its
+    tokens mean something else to this decoder)."""
+    from mmgen.train.decoder_post import generated_ids
+
+    pipe, count, options = post
+    with torch.no_grad():
+        codes = tok.encode(x[:count])
+        if check and not torch.equal(pipe.tokenizer.encode(x[:count].to(pipe.tokenizer.device)).to(codes.device),
+                                     codes):
+            raise ValueError("training.generator's tokenizer gives these pages other ids than this tokenizer: its "
+                             "model was trained over other ids (start this run with --init from its tokenizer)")
+        drawn = generated_ids(pipe, captions[:count], codes, options, gen)
+    h, w = tok.layout.grid
+    fake = (tok.decoder(tok.quantizer.embed(drawn.view(count, h, w))) + 1) / 2
+    return fake, float((drawn != codes).float().mean())
+
+
 def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, resume: bool = False,
                     data: str | None = None, seed: int | None = None, save_every: int | None = None,
                     progress: bool = True, max_minutes: float | None = None, init: str | None = None,
@@ -200,6 +254,9 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
                              "give one of them")
         init_from(tok, init)
     trained = trainable_parameters(tok, tr.get("train_only"))
+    # None, or (the generator pipeline, pages per batch decoded from its ids, its sampling options)
+    post = post_training_setup(tr, tok, int(tr.get("crop", 0)) or None, int(tr.get("batch_size", 16)))
+    checked = False  # the generator's ids, checked on the first batch
     opt = torch.optim.AdamW(trained, lr=float(tr.get("lr", 2e-3)), betas=(0.9, 0.99),
                             weight_decay=float(tr.get("weight_decay", 0.0)))
     state_dir = out / "train_state"
@@ -244,7 +301,7 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
     gen = torch.Generator().manual_seed(seed + 1 + acc.process_index + 1009 * step)  # resumed: new crops
     unwrapped = acc.unwrap_model(model)
     while step < steps:
-        x, _ = next(batches)
+        x, captions = next(batches)
         offset = None
         if crop is not None and crop < size:
             x, offset = content_crops(x, crop, align, gen, candidates)
@@ -256,7 +313,13 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         quantize = step >= warm
         if step == warm and has_codebook and not from_init:  # empty usage window: the restart below seeds every code
             unwrapped.quantizer.window_hits.zero_()
-        if offset is not None and hasattr(unwrapped, "positions"):  # the binary tokenizer's projector
+        changed = None
+        if post is not None:  # the first pages decoded from the ids the generator writes, each against its true page
+            fake, changed = decode_generated(unwrapped, post, x, captions, gen, check=not checked)
+            checked = True
+            recon, q, z = model(x[len(fake):], quantize=quantize)
+            recon = torch.cat([fake, recon])
+        elif offset is not None and hasattr(unwrapped, "positions"):  # the binary tokenizer's projector
             recon, q, z = model(x, quantize=quantize, offset=offset.to(acc.device))
         else:
             recon, q, z = model(x, quantize=quantize)
@@ -284,6 +347,8 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
                 row["grad"] = grad.item()
             if restarted is not None:
                 row["restarted"] = restarted
+            if changed is not None:
+                row["generated_changed"] = changed
             metrics.log(step, minutes0, **row)
             bar.set_postfix(psnr=f"{psnr.item():.1f}", ppl=f"{q.perplexity.item():.0f}")
         bar.update(1)
