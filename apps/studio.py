@@ -132,10 +132,10 @@ class Studio:
         return (f"`{checkpoint}`: {m.num_parameters() / 1e6:.2f} M-parameter transformer, {t.layout.num_tokens} "
                 f"image tokens from a {t.vocab_size}-code tokenizer; {shuffle}{dd}. Checkpoint defaults: guidance "
                 f"{d['guidance_scale']}, temperature {d['temperature']}, top-k {d['top_k']}, top-p {d['top_p']}, "
-                f"min-p {d.get('min_p', 0.0)}.")
+                f"min-p {d.get('min_p', 0.0)}, plausibility {d.get('plausibility', 0.0)}.")
 
     def generate(self, prompt, seed, checkpoint, num_images, guidance_scale, temperature, top_k, top_p,
-                 cfg_schedule, sampler="AR", zipvl_tau=0.0, kv_bits="4/2", min_p=None):
+                 cfg_schedule, sampler="AR", zipvl_tau=0.0, kv_bits="4/2", min_p=None, plausibility=None):
         """Returns (first image, [(image, caption)], record dict); raises gr.Error with a readable message."""
         try:
             prompt = _check_prompt(prompt)
@@ -147,7 +147,9 @@ class Studio:
                                         temperature=_num("temperature", temperature),
                                         top_k=_int_in("top-k", top_k, 0, 1_000_000),
                                         top_p=_num("top-p", top_p), cfg_schedule=cfg_schedule or None,
-                                        min_p=None if min_p is None else _num("min-p", min_p))
+                                        min_p=None if min_p is None else _num("min-p", min_p),
+                                        plausibility=None if plausibility is None else _num("plausibility",
+                                                                                            plausibility))
                 if sampler not in SAMPLER_CHOICES:
                     raise ValueError(f"sampler must be one of {list(SAMPLER_CHOICES)}, got {sampler!r}")
                 kind, steps = SAMPLER_CHOICES[sampler]
@@ -216,6 +218,10 @@ def build_app(checkpoints: list[str] | None = None, allow_custom: bool = False) 
                                  info="classifier-free guidance (1 = off)")
             schedule = gr.Radio(list(CFG_SCHEDULES), value=defaults.get("cfg_schedule", "constant"),
                                 label=f"{prefix}guidance schedule", info="linear: ramps up with the token index")
+            plausibility = gr.Slider(0, 0.95, value=defaults.get("plausibility", 0.0), step=0.01,
+                                     label=f"{prefix}guidance plausibility",
+                                     info="0 = off; with guidance, only tokens at least this x as likely as the "
+                                          "best one under the prompt alone")
         with gr.Row():
             temperature = gr.Slider(0.05, 5, value=defaults["temperature"], step=0.05, label=f"{prefix}temperature")
             top_k = gr.Slider(0, 1024, value=defaults["top_k"], step=1, label=f"{prefix}top-k", info="0 = off")
@@ -231,12 +237,13 @@ def build_app(checkpoints: list[str] | None = None, allow_custom: bool = False) 
                                   info="0 = off; e.g. 0.975: prefill with the tokens holding that share of attention")
             kv_bits = gr.Dropdown(list(KV_BITS_CHOICES), value="4/2", label=f"{prefix}ZipVL KV bits",
                                   info="important / other tokens")
-        return ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler, zipvl_tau, kv_bits, min_p
+        return (ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler, zipvl_tau, kv_bits, min_p,
+                plausibility)
 
     def run(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler, zipvl_tau=0.0,
-            kv_bits="4/2", min_p=None, progress=gr.Progress(track_tqdm=True)):
+            kv_bits="4/2", min_p=None, plausibility=None, progress=gr.Progress(track_tqdm=True)):
         return studio.generate(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler,
-                               zipvl_tau, kv_bits, min_p)
+                               zipvl_tau, kv_bits, min_p, plausibility)
 
     with gr.Blocks(title="mmgen studio", delete_cache=(3600, 3600)) as app:
         gr.Markdown("# mmgen studio\nOne autoregressive transformer writes image tokens; a tokenizer turns them "

@@ -25,6 +25,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (1 = off)")
     g.add_argument("--min-p", type=float, help="drop tokens less likely than MIN_P x the most likely one, in "
                                                "[0, 1) (0 = off)")
+    g.add_argument("--plausibility", type=float, metavar="ALPHA",
+                   help="with guidance: draw only tokens at least ALPHA x as likely as the best one under the prompt "
+                        "alone (contrastive decoding's plausibility constraint), in [0, 1) (0 = off)")
     g.add_argument("--cfg-schedule", choices=["constant", "linear"],
                    help="guidance over the tokens: constant, or linear (ramps up from 1 to --guidance-scale)")
     g.add_argument("--sampler", choices=["ar", "dd"], default="ar",
@@ -101,9 +104,9 @@ def cmd_image(args) -> int:
     paths = _image_paths(args.output, len(jobs))
     _check_writable(paths)  # before generating: a bad -o must not cost the work
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, cfg_schedule=args.cfg_schedule,
-                    negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
-                    zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
+                    top_p=args.top_p, min_p=args.min_p, plausibility=args.plausibility,
+                    cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt, sampler=args.sampler,
+                    steps=args.steps, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
     if args.init_image:
         from PIL import Image
 
@@ -230,8 +233,8 @@ def cmd_eval_text(args) -> int:
               "ceiling": text_eval.ceiling(n=args.n * 2, canvas=canvas),
               "reconstruction": evaluate_reconstruction(tokenizer, n=args.n, progress=not args.quiet)}
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, cfg_schedule=args.cfg_schedule, zipvl_tau=args.zipvl_tau,
-                    kv_bits=args.kv_bits)
+                    top_p=args.top_p, min_p=args.min_p, plausibility=args.plausibility,
+                    cfg_schedule=args.cfg_schedule, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
     if pipe is not None:
         scenes_seed = TEXT_EVAL_SEED if args.scenes_seed is None else args.scenes_seed
         report["text_to_image"] = evaluate_text_to_image(pipe, n=args.n, seed=args.seed, progress=not args.quiet,
@@ -261,8 +264,9 @@ def cmd_eval(args) -> int:
               "ceiling": shapes_eval.ceiling(n=args.n * 3)["score"],
               "reconstruction": evaluate_reconstruction(pipe.tokenizer, n=args.n, progress=not args.quiet)}
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, cfg_schedule=args.cfg_schedule, sampler=args.sampler,
-                    steps=args.steps, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
+                    top_p=args.top_p, min_p=args.min_p, plausibility=args.plausibility,
+                    cfg_schedule=args.cfg_schedule, sampler=args.sampler, steps=args.steps,
+                    zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
     for ps in args.prompt_sets:
         report[ps] = evaluate_text_to_image(pipe, ps, n=args.n, seed=args.seed, progress=not args.quiet, **sampling)
     if "see" in pipe.tasks:  # the model also writes captions: captioning accuracy on fresh world images

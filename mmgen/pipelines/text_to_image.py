@@ -144,7 +144,7 @@ class TextToImagePipeline:
                  negative_prompt: str | None = None, sampler: str = "ar", steps: int = 1,
                  zipvl_tau: float | None = None, kv_bits: str | None = None, image=None, keep_rows: int | None = None,
                  output_type: str = "pil", return_dict: bool = True, progress: bool = False,
-                 min_p: float | None = None):
+                 min_p: float | None = None, plausibility: float | None = None):
         """Generate ``num_images`` per prompt. ``sampler="dd"`` uses the checkpoint's Distilled Decoding student
         (``steps`` 1 or 2 forward passes per batch; the guidance and sampling options it was distilled with
         are built in, so the ones given here are not used).
@@ -170,7 +170,7 @@ class TextToImagePipeline:
             prompts = [p.replace("\u2019", "'").replace("\u2018", "'") for p in prompts]
             self.check_quoted_text(prompts)
         opts = self.options(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, cfg_schedule=cfg_schedule)
+                            min_p=min_p, plausibility=plausibility, cfg_schedule=cfg_schedule)
         expanded = [p for p in prompts for _ in range(num_images)]
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))

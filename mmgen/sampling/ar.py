@@ -29,6 +29,7 @@ class SamplingOptions:
     top_k: int = 0        # 0: off
     top_p: float = 1.0    # 1.0: off
     min_p: float = 0.0    # 0.0: off; else drop ids less likely than min_p x the most likely one (filter_logits)
+    plausibility: float = 0.0  # 0.0: off; under guidance, only ids the conditional finds plausible (guided)
     cfg_schedule: str = "constant"  # "constant", or "linear": guidance ramps from 1 to guidance_scale
 
     @classmethod
@@ -63,6 +64,8 @@ class SamplingOptions:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if not (0.0 <= self.min_p < 1.0):
             raise ValueError(f"min_p must lie in [0, 1) (0 turns it off), got {self.min_p}")
+        if not (0.0 <= self.plausibility < 1.0):
+            raise ValueError(f"plausibility must lie in [0, 1) (0 turns it off), got {self.plausibility}")
         return self
 
 
@@ -135,9 +138,21 @@ def _invert_cdf(logits: torch.Tensor, opts: SamplingOptions, u: torch.Tensor) ->
     return torch.where(torch.gather(probs, 1, ids) > 0, ids, last_possible).squeeze(1)
 
 
-def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: uncond + scale * (cond - uncond)."""
-    return uncond + scale * (cond - uncond)
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale, plausibility: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond).
+
+    ``plausibility`` > 0: contrastive decoding's adaptive plausibility constraint (Li et al. 2023) on the
+    guided logits: an id whose conditional probability is below ``plausibility`` times that of the
+    conditional's most likely id is set to -inf. Guidance extrapolates: an id nearly impossible under both
+    branches, but far less likely without the condition, can come out of it with real probability. Measured on
+    checkpoints/text: an id of white card on a black page, below 0.001 of the best id's probability in either
+    branch, came out of guidance (scale 1.4, temperature 0.7) at 0.15 of it and was drawn as a speck on the
+    blank card (its model card has the measurements)."""
+    out = uncond + scale * (cond - uncond)
+    if plausibility > 0.0:
+        probs = cond.softmax(-1)
+        out = out.masked_fill(probs < plausibility * probs.amax(-1, keepdim=True), float("-inf"))
+    return out
 
 
 @torch.inference_mode()
@@ -188,7 +203,7 @@ def sample_ar(model, prefix: torch.Tensor, null_prefix: torch.Tensor | None, sta
         step = logits[..., lo:hi].reshape(logits.shape[0], k, hi - lo)
         if cfg:
             scale = guidance_at(opts.guidance_scale, opts.cfg_schedule, total - steps + i, total)
-            step = guided(step[:b], step[b:], scale)
+            step = guided(step[:b], step[b:], scale, opts.plausibility)
         tok = (choose(step, i) if choose is not None else sample_next(step, opts, generator)) + lo  # (b, k)
         out[:, total - steps + i] = tok
         if i + 1 < steps:

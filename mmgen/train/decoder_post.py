@@ -8,7 +8,7 @@ meant where an id is out of place.
 How the generated ids are made here (a simplification of the paper's, which samples from the generator
 with part of the true tokens kept): every image token of the page is drawn from the generator's teacher-forced
 distribution, i.e. given the true tokens before it, with the checkpoint's own sampling options (guidance and
-its schedule, temperature, top-k, top-p, min-p). So the errors are the ones the generator makes one step at a
+its schedule and plausibility constraint, temperature, top-k, top-p, min-p). So the errors are the ones the generator makes one step at a
 time, not the drift of a whole free-running sample; the decoder's target is the page those true tokens encode.
 Only the decoder trains (``training.train_only: decoder``), so the ids, and the generator trained over them,
 stay valid.
@@ -56,5 +56,5 @@ def generated_ids(pipe, captions: list[str], codes: torch.Tensor, options: Sampl
         total = int(steps.max()) + 1
         scale = torch.tensor([guidance_at(opts.guidance_scale, opts.cfg_schedule, int(i), total) for i in range(total)],
                              dtype=logits.dtype, device=logits.device)[steps.to(logits.device)]
-        logits = guided(logits, free, scale[None, :, None])
+        logits = guided(logits, free, scale[None, :, None], opts.plausibility)
     return sample_next(logits, opts, generator)

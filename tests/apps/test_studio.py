@@ -126,13 +126,13 @@ def test_distilled_decoding_from_the_studio(server, client):
 
 
 def test_compare_runs_two_settings_side_by_side(client):
-    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "AR", 0, "4/2", 0.0]
-    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear", "AR", 0.95, "4/2", 0.1]
+    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "AR", 0, "4/2", 0.0, 0.0]
+    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear", "AR", 0.95, "4/2", 0.1, 0.2]
     ga, ra, gb, rb = client.predict(PROMPT, 4, *base, *other, api_name="/compare")
     assert len(ga) == 1 and len(gb) == 2
     assert ra["option_guidance_scale"] == 1.5 and rb["option_cfg_schedule"] == "linear"
     assert ra["zipvl"] is None and rb["zipvl"]["tau"] == 0.95
-    assert ra["option_min_p"] == 0.0 and rb["option_min_p"] == 0.1
+    assert ra["option_min_p"] == 0.0 and rb["option_min_p"] == 0.1 and rb["option_plausibility"] == 0.2
 
 
 def test_zipvl_from_the_studio_reports_kept_ratio_and_kv_bytes(client):

@@ -79,8 +79,19 @@ def test_min_p_cuts_the_tail_where_the_model_is_sure_and_not_where_it_is_not():
     assert SamplingOptions.from_dict({"min_p": 0.1}).min_p == 0.1
 
 
+def test_plausibility_keeps_guidance_from_raising_what_the_prompt_rules_out():
+    # id 2 is nearly impossible with the prompt and far more so without it: guidance extrapolates it upwards
+    cond = torch.log(torch.tensor([[0.899999, 0.1, 1e-6]]))
+    uncond = torch.log(torch.tensor([[0.9, 0.1, 1e-16]]))
+    plain = guided(cond, uncond, 3.0).softmax(-1)
+    assert plain[0, 2] > 0.5 * plain[0, 0]
+    kept = guided(cond, uncond, 3.0, plausibility=0.01)
+    assert torch.isinf(kept[0, 2]) and torch.equal(kept[0, :2], guided(cond, uncond, 3.0)[0, :2])
+    assert torch.equal(guided(cond, uncond, 3.0, plausibility=0.0), guided(cond, uncond, 3.0))
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1), dict(guidance_scale=-1),
-                                 dict(min_p=1.0), dict(min_p=-0.1)])
+                                 dict(min_p=1.0), dict(min_p=-0.1), dict(plausibility=1.0)])
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingOptions(**bad).validate()
