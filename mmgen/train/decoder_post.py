@@ -5,13 +5,18 @@ them as they are (isolated specks that a page's layout checks read as ink). Post
 pages whose ids the trained AR model wrote and asks for the true page back, so it learns what the generator
 meant where an id is out of place.
 
-How the generated ids are made here (a simplification of the paper's, which samples from the generator
-with part of the true tokens kept): every image token of the page is drawn from the generator's teacher-forced
-distribution, i.e. given the true tokens before it, with the checkpoint's own sampling options (guidance and
-its schedule and plausibility constraint, temperature, top-k, top-p, min-p). So the errors are the ones the generator makes one step at a
-time, not the drift of a whole free-running sample; the decoder's target is the page those true tokens encode.
-Only the decoder trains (``training.train_only: decoder``), so the ids, and the generator trained over them,
-stay valid.
+How the generated ids are made here (simplified; the paper builds its post-training inputs from its own
+generator's sampling, and its details are not reproduced): every image token of the page is drawn from the generator's teacher-forced
+distribution, i.e. given the true tokens before it, with the checkpoint's own sampling options (guidance, its
+schedule and plausibility constraint, temperature, top-k, top-p, min-p). So the errors are the ones the
+generator makes one step at a time, not the drift of a whole free-running sample; the decoder's target is the
+page those true tokens encode. Only the decoder trains (``training.train_only: decoder``), so the ids, and the
+generator trained over them, stay valid. One process only (the generated pages are decoded outside the
+distributed wrapper).
+
+Measured once (stage 4e, ``checkpoints/text_tokenizer/README.md``): reconstructions read better, generated
+pages no better; the errors that decide the checks there come from guidance, which teacher forcing with the
+true tokens before each one shows only in part.
 """
 from __future__ import annotations
 

@@ -164,11 +164,12 @@ def trainable_parameters(tok, train_only: str | None) -> list:
     return list(tok.decoder.parameters())
 
 
-def post_training_setup(tr: dict, tok, crop: int | None, batch: int):
+def post_training_setup(tr: dict, tok, crop: int | None, batch: int, device: torch.device):
     """``training.generator`` (a text-to-image pipeline folder trained over this tokenizer's ids): post-train the
     decoder on the ids that pipeline's model writes (``mmgen/train/decoder_post.py``) for a share
     ``training.generated_share`` of each batch's pages, drawn with the pipeline's sampling defaults updated by
-    ``training.generator_sampling``. Refused, before any work, where it cannot mean what it says."""
+    ``training.generator_sampling``; the pipeline runs on ``device``, beside the decoder it teaches. Refused, before
+    any work, where it cannot mean what it says."""
     if "generator" not in tr:
         if "generated_share" in tr or "generator_sampling" in tr:
             raise ValueError("training.generated_share and generator_sampling need training.generator")
@@ -187,6 +188,8 @@ def post_training_setup(tr: dict, tok, crop: int | None, batch: int):
         raise ValueError(f"training.generated_share must give at least one page of a batch of {batch} generated ids "
                          f"and keep at least one on its true ids, got {share}")
     pipe = TextToImagePipeline.from_pretrained(tr["generator"])
+    for part in (pipe.model, pipe.tokenizer, pipe.text_encoder):
+        part.to(device).eval()
     if (pipe.tokenizer.vocab_size != tok.vocab_size or pipe.tokenizer.layout.grid != tok.layout.grid
             or pipe.tokenizer.config.image_size != tok.config.image_size):
         raise ValueError(f"the generator {tr['generator']} draws {pipe.tokenizer.layout.grid} grids of "
@@ -255,7 +258,10 @@ def train_tokenizer(recipe_path: str, output: str, steps: int | None = None, res
         init_from(tok, init)
     trained = trainable_parameters(tok, tr.get("train_only"))
     # None, or (the generator pipeline, pages per batch decoded from its ids, its sampling options)
-    post = post_training_setup(tr, tok, int(tr.get("crop", 0)) or None, int(tr.get("batch_size", 16)))
+    post = post_training_setup(tr, tok, int(tr.get("crop", 0)) or None, int(tr.get("batch_size", 16)), acc.device)
+    if post is not None and acc.num_processes > 1:
+        raise ValueError("training.generator post-trains in one process (its generated pages are decoded outside the "
+                         "distributed wrapper): run it without accelerate launch")
     checked = False  # the generator's ids, checked on the first batch
     opt = torch.optim.AdamW(trained, lr=float(tr.get("lr", 2e-3)), betas=(0.9, 0.99),
                             weight_decay=float(tr.get("weight_decay", 0.0)))
