@@ -188,7 +188,8 @@ def test_decoder_post_training_on_the_models_own_tokens(tmp_path):
     row = json.loads((tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 < row["generated_changed"] < 0.5
     for bad, says in ((dict(train_only=None), "train_only: decoder"), (dict(generated_share=1.0), "true ids"),
-                      (dict(crop=64), "whole pages"), (dict(generator_sampling={"min_p": 2}), "min_p")):
+                      (dict(crop=64), "whole pages"), (dict(generator_sampling={"min_p": 2}), "min_p"),
+                      (dict(generator_sampling=[0.1]), "must map")):
         with pytest.raises(ValueError, match=says):
             run("bad", **bad)
     # a decoder whose encoder gives other ids than the ones the model was trained over

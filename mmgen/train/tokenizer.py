@@ -195,8 +195,11 @@ def post_training_setup(tr: dict, tok, crop: int | None, batch: int, device: tor
         raise ValueError(f"the generator {tr['generator']} draws {pipe.tokenizer.layout.grid} grids of "
                          f"{pipe.tokenizer.vocab_size} ids at {pipe.tokenizer.config.image_size} px; this tokenizer "
                          f"has {tok.layout.grid} of {tok.vocab_size} at {tok.config.image_size}")
-    options = SamplingOptions.from_dict({**pipe.defaults, **tr.get("generator_sampling", {})},
-                                        "training.generator_sampling")
+    overrides = tr.get("generator_sampling") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"training.generator_sampling must map sampling options to values, e.g. {{min_p: 0.1}}, "
+                         f"got {overrides!r}")
+    options = SamplingOptions.from_dict({**pipe.defaults, **overrides}, "training.generator_sampling")
     return pipe, count, options
 
 
