@@ -133,7 +133,7 @@ def tune_text(pipe, grid, n: int) -> list[dict]:
         res = evaluate_text_to_image(pipe, n=n, seed=0, scenes_seed=TEXT_TUNING_SEED, **options)
         row = {"options": options, "cer": round(res["all"]["cer"], 4), "cer_short": round(res["short"]["cer"], 4),
                "color": res["all"]["color"], "alignment": res["all"]["alignment"],
-               "seconds_per_image": round(res["seconds_per_image"], 2)}
+               "stray_ink": res["all"]["stray_ink"], "seconds_per_image": round(res["seconds_per_image"], 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

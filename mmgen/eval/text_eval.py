@@ -9,6 +9,8 @@ and colour and alignment checks; the same OCR on the world's own renderings is t
   from the background).
 - Alignment: ink rows are split into lines; for each line its left edge, right edge and centre; the
   alignment whose edge varies least across lines (and, for one line, lies nearest its target) wins.
+- Stray ink (a diagnostic reported beside the checks): the share of images with a band of ink too small to
+  be a line of text, which the alignment check takes for one.
 """
 from __future__ import annotations
 
@@ -95,24 +97,41 @@ def alignment_ok(image: Image.Image, background: str, align: str) -> bool:
     return bool(costs) and costs[align] <= min(costs.values()) + image.width / 64
 
 
-def alignment_costs(image: Image.Image, background: str) -> dict:
-    arr = np.asarray(image.convert("RGB"))
-    canvas = arr.shape[1]
-    mask = _ink(arr, background)
+STRAY_INK_PIXELS = 20  # a band of ink rows with at most this many ink pixels is no line of text at any size
+
+
+def ink_bands(image: Image.Image, background: str) -> list[tuple[int, int, int, int, int]]:
+    """The image's ink split into bands of rows at blank rows, as the alignment check reads lines: (first row,
+    last row, first column, last column + 1, ink pixels) for each band, top to bottom."""
+    mask = _ink(np.asarray(image.convert("RGB")), background)
     rows = np.nonzero(mask.any(1))[0]
     if len(rows) == 0:
-        return {}
-    # split ink rows into lines at gaps of blank rows
+        return []
     bands, start = [], rows[0]
     for a, b in zip(rows[:-1], rows[1:]):
         if b - a > 1:
             bands.append((start, a))
             start = b
     bands.append((start, rows[-1]))
-    edges = []
+    out = []
     for r0, r1 in bands:
         cols = np.nonzero(mask[r0:r1 + 1].any(0))[0]
-        edges.append((cols[0], cols[-1] + 1))
+        out.append((int(r0), int(r1), int(cols[0]), int(cols[-1]) + 1, int(mask[r0:r1 + 1].sum())))
+    return out
+
+
+def stray_ink(image: Image.Image, background: str) -> bool:
+    """A diagnostic, not a check of the prompt: does the image hold a band of ink too small to be a line of
+    text (at most ``STRAY_INK_PIXELS`` pixels, e.g. a speck of one to three pixels on the blank card)? The
+    alignment check takes each such band for a line, so one speck can fail it."""
+    return any(band[4] <= STRAY_INK_PIXELS for band in ink_bands(image, background))
+
+
+def alignment_costs(image: Image.Image, background: str) -> dict:
+    canvas = image.width
+    edges = [(b[2], b[3]) for b in ink_bands(image, background)]
+    if not edges:
+        return {}
     left = np.array([e[0] for e in edges], float)
     right = np.array([e[1] for e in edges], float)
     centre = (left + right) / 2
@@ -126,7 +145,7 @@ def alignment_costs(image: Image.Image, background: str) -> dict:
 def judge(image: Image.Image, text: str, color: str, background: str, align: str) -> dict:
     read = ocr(image)
     return {"ocr": read, "cer": cer(read, text), "color_ok": text_color(image, background) == color,
-            "align_ok": alignment_ok(image, background, align)}
+            "align_ok": alignment_ok(image, background, align), "stray_ink": stray_ink(image, background)}
 
 
 def summarize(results: list[dict], lines: list[int]) -> dict:
@@ -136,7 +155,8 @@ def summarize(results: list[dict], lines: list[int]) -> dict:
             return None
         return {"cer": float(np.mean([r["cer"] for r in rs])), "n": len(rs),
                 "color": float(np.mean([r["color_ok"] for r in rs])),
-                "alignment": float(np.mean([r["align_ok"] for r in rs]))}
+                "alignment": float(np.mean([r["align_ok"] for r in rs])),
+                "stray_ink": float(np.mean([r["stray_ink"] for r in rs]))}
 
     return {"all": part([True] * len(results)), "short": part([n <= 2 for n in lines]),
             "long": part([n >= 3 for n in lines])}
