@@ -6,13 +6,13 @@ pages whose ids the trained AR model wrote and asks for the true page back, so i
 meant where an id is out of place.
 
 How the generated ids are made here (simplified; the paper builds its post-training inputs from its own
-generator's sampling, and its details are not reproduced): every image token of the page is drawn from the generator's teacher-forced
-distribution, i.e. given the true tokens before it, with the checkpoint's own sampling options (guidance, its
-schedule and plausibility constraint, temperature, top-k, top-p, min-p). So the errors are the ones the
-generator makes one step at a time, not the drift of a whole free-running sample; the decoder's target is the
-page those true tokens encode. Only the decoder trains (``training.train_only: decoder``), so the ids, and the
-generator trained over them, stay valid. One process only (the generated pages are decoded outside the
-distributed wrapper).
+generator's sampling, and its details are not reproduced): every image token of the page is drawn from the
+generator's teacher-forced distribution, i.e. given the true tokens before it, with the checkpoint's own
+sampling options (guidance, its schedule and plausibility constraint, temperature, top-k, top-p, min-p). So
+the errors are the ones the generator makes one step at a time, not the drift of a whole free-running
+sample; the decoder's target is the page those true tokens encode. Only the decoder trains
+(``training.train_only: decoder``), so the ids, and the generator trained over them, stay valid. One process
+only (the generated pages are decoded outside the distributed wrapper).
 
 Measured once (stage 4e, ``checkpoints/text_tokenizer/README.md``): reconstructions read better, generated
 pages no better; the errors that decide the checks there come from guidance, which teacher forcing with the
@@ -59,7 +59,7 @@ def generated_ids(pipe, captions: list[str], codes: torch.Tensor, options: Sampl
         free = model.image_logits(model.prefix(None, None, batch=b), null_start, image_ids)[..., lo:hi]
         steps = window_index(model, n)
         total = int(steps.max()) + 1
-        scale = torch.tensor([guidance_at(opts.guidance_scale, opts.cfg_schedule, int(i), total) for i in range(total)],
-                             dtype=logits.dtype, device=logits.device)[steps.to(logits.device)]
+        per_step = [guidance_at(opts.guidance_scale, opts.cfg_schedule, i, total) for i in range(total)]
+        scale = torch.tensor(per_step, dtype=logits.dtype, device=logits.device)[steps.to(logits.device)]
         logits = guided(logits, free, scale[None, :, None], opts.plausibility)
     return sample_next(logits, opts, generator)

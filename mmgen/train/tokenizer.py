@@ -16,6 +16,7 @@ from mmgen.tokenizers.binary_text import BINARY_TEXT_CONFIGS, BinaryTextConfig, 
 from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer
 from mmgen.train.common import (MetricsLog, check_sections, check_time_schedule, cosine_lr, load_train_state,
                                 past_time_limit, read_yaml, save_train_state, should_resume, time_progress)
+from mmgen.train.decoder_post import generated_ids
 
 log = logging.getLogger(__name__)
 TOKENIZER_TYPES = {"vq_image": (VQ_IMAGE_CONFIGS, VQImageConfig, VQImageTokenizer),
@@ -208,8 +209,6 @@ def decode_generated(tok, post, x: torch.Tensor, captions: list[str], gen: torch
     -> (those reconstructions, the share of their ids that differ from the true ones). ``check``: the
     generator's own tokenizer must give these pages the same ids (else it was trained over other ids, and its
     tokens mean something else to this decoder)."""
-    from mmgen.train.decoder_post import generated_ids
-
     pipe, count, options = post
     with torch.no_grad():
         codes = tok.encode(x[:count])
