@@ -2,7 +2,8 @@
 attributes (colour, shape, size, cell) and the background, nothing more (parsed back with
 ``shapes_eval.parse_prompt``; order of mention does not matter). Reported overall, by object count, and per
 attribute (the share of objects whose colour / shape / size / position the caption got right, matching
-objects by cell first and then by colour+shape)."""
+objects by cell first and then by colour+shape), and the share of small and of large objects whose shape it
+named right."""
 from __future__ import annotations
 
 from collections import Counter
@@ -23,8 +24,10 @@ def caption_scenes(n: int, seed: int = CAPTION_EVAL_SEED, size: int = 64) -> lis
 
 
 def judge_caption(caption: str, objects: Sequence[shapes.ShapeObject], background: str) -> dict:
-    """-> {"correct": bool, "parsed": bool, "background": bool, per attribute: objects right (count)}."""
-    out = {"correct": False, "parsed": False, "background": False, "color": 0, "shape": 0, "size": 0, "cell": 0}
+    """-> {"correct": bool, "parsed": bool, "background": bool, per attribute: objects right (count), and
+    "shape_small" / "shape_large": small / large objects (by the true size) whose shape is right (count)}."""
+    out = {"correct": False, "parsed": False, "background": False, "color": 0, "shape": 0, "size": 0, "cell": 0,
+           "shape_small": 0, "shape_large": 0}
     try:
         got, bg = parse_prompt(caption)
     except ValueError:
@@ -44,6 +47,7 @@ def judge_caption(caption: str, objects: Sequence[shapes.ShapeObject], backgroun
         used.add(id(m))
         for attr in ("color", "shape", "size", "cell"):
             out[attr] += getattr(m, attr) == getattr(o, attr)
+        out[f"shape_{o.size}"] += m.shape == o.shape
     return out
 
 
@@ -71,5 +75,8 @@ def evaluate_captions(pipe, n: int = 50, seed: int = CAPTION_EVAL_SEED, batch: i
         result[f"accuracy_{k}obj"] = sum(j["correct"] for j in sub) / max(1, len(sub))
     for attr in ("color", "shape", "size", "cell"):
         result[f"{attr}_per_object"] = sum(j[attr] for _, j in rows) / max(1, n_obj)
+    for size in ("small", "large"):
+        n_size = sum(o.size == size for s in samples for o in s.objects)
+        result[f"shape_per_{size}_object"] = sum(j[f"shape_{size}"] for _, j in rows) / max(1, n_size)
     result["examples"] = examples
     return result

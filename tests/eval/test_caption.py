@@ -37,3 +37,14 @@ def test_caption_scenes_are_seeded_and_balanced():
     a, b = caption_scenes(4), caption_scenes(4)
     assert [s.canonical_caption for s in a] == [s.canonical_caption for s in b]
     assert [len(s.objects) for s in a] == [1] * 4 + [2] * 4 + [3] * 4
+
+
+def test_judge_caption_counts_shape_by_true_size():
+    for seed in range(7, 40):  # one scene with a small and a large object, one with two of a size
+        s = next(shapes.generate(1, seed=seed, num_objects=2))
+        a, b = s.objects
+        other = next(sh for sh in shapes.SHAPES if sh != a.shape)
+        wrong = shapes.canonical_caption([shapes.ShapeObject(a.color, other, a.size, a.cell), b], s.background)
+        j = judge_caption(wrong, s.objects, s.background)
+        assert j["shape"] == 1 and j["shape_small"] + j["shape_large"] == 1
+        assert j[f"shape_{b.size}"] == 1  # b's shape is right, a's wrong
