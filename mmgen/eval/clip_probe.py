@@ -156,7 +156,8 @@ def clip_shape_readout(clip, n_train: int = 3500, n_test: int = 500, steps: int 
     A readout with the Q-Former's means (learnt position embedding at unit scale, 4 queries, two blocks of
     cross-attention and MLP, width 192), trained alone on one-object images to name the shape; ``conv``
     first mixes neighbouring patches with two 3x3 convolutions (residual). Returns held-out shape accuracy
-    every 100 steps (chance 1/6). Training is seeded, so a rerun gives the same figures."""
+    every 100 steps (chance 1/6) and, at the end, for small and large objects apart. Training is seeded, so a
+    rerun gives the same figures."""
     import torch.nn.functional as F
     from torch import nn
 
@@ -206,7 +207,12 @@ def clip_shape_readout(clip, n_train: int = 3500, n_test: int = 500, steps: int 
                 curve[step] = (model(f[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
             if progress:
                 print(f"  shape readout{' (conv)' if conv else ''}: step {step}: {curve[step]:.3f}", flush=True)
-    return {"shape_by_step": curve, "shape": curve[steps]}
+    with torch.no_grad():
+        right = model(f[n_train:]).argmax(1) == y[n_train:]
+    sizes = [s.objects[0].size for s in samples[n_train:]]
+    by_size = {size: right[[i for i, z in enumerate(sizes) if z == size]].float().mean().item()
+               for size in shapes.SIZES if size in sizes}
+    return {"shape_by_step": curve, "shape": curve[steps], "shape_by_size": by_size}
 
 
 def seed_fresh_slot_readout(tokenizer, n_train: int = 3000, n_test: int = 500, steps: int = 600,
