@@ -26,7 +26,9 @@ AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_ima
                 "text_ar_ts4_gpu.yaml": "binary_text.yaml", "text_ar_ts4_gpu_byte_index.yaml": "binary_text.yaml",
                 "text_ar_ts4_gpu_glyph.yaml": "binary_text.yaml",
                 "text_ar_ts4_bitwise.yaml": "binary_text_pages.yaml",
-                "seed_ar.yaml": "seed.yaml", "seed_p4_ar.yaml": "seed_p4_slots_long_stage2_long_probe.yaml"}
+                "seed_ar.yaml": "seed.yaml", "seed_p4_ar.yaml": "seed_p4_slots_long_stage2_long_probe.yaml",
+                "seed_p4_ar_more.yaml": "seed_p4_slots_long_stage2_long_probe.yaml",
+                "seed_p4_ar_more2.yaml": "seed_p4_slots_long_stage2_long_probe.yaml"}
 
 
 def test_every_ar_recipe_names_its_tokenizer():
