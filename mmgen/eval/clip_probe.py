@@ -204,12 +204,11 @@ def clip_shape_readout(clip, n_train: int = 3500, n_test: int = 500, steps: int 
         opt.step()
         if step % 100 == 0 or step == steps:
             with torch.no_grad():
-                curve[step] = (model(f[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
+                right = model(f[n_train:]).argmax(1) == y[n_train:]
+            curve[step] = right.float().mean().item()
             if progress:
                 print(f"  shape readout{' (conv)' if conv else ''}: step {step}: {curve[step]:.3f}", flush=True)
-    with torch.no_grad():
-        right = model(f[n_train:]).argmax(1) == y[n_train:]
-    sizes = [s.objects[0].size for s in samples[n_train:]]
+    sizes = [s.objects[0].size for s in samples[n_train:]]  # ``right``: the last step's held-out readout
     by_size = {size: right[[i for i, z in enumerate(sizes) if z == size]].float().mean().item()
                for size in shapes.SIZES if size in sizes}
     return {"shape_by_step": curve, "shape": curve[steps], "shape_by_size": by_size}

@@ -3,6 +3,7 @@ temperature, top-k, top-p, min-p, and ``generator=`` seeding. A pure function of
 generator) that returns the token ids and a record of what it did."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -149,9 +150,8 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale, plausibility: float 
     branch, came out of guidance (scale 1.4, temperature 0.7) at 0.15 of it and was drawn as a speck on the
     blank card (its model card has the measurements)."""
     out = uncond + scale * (cond - uncond)
-    if plausibility > 0.0:
-        probs = cond.softmax(-1)
-        out = out.masked_fill(probs < plausibility * probs.amax(-1, keepdim=True), float("-inf"))
+    if plausibility > 0.0:  # p_i < alpha * p_max, read on the logits: no softmax in the sampling loop
+        out = out.masked_fill(cond - cond.amax(-1, keepdim=True) < math.log(plausibility), float("-inf"))
     return out
 
 
