@@ -139,8 +139,8 @@ def cmd_image(args) -> int:
 
 
 def cmd_train(args) -> int:
-    if args.init and args.what not in ("tokenizer", "ar", "seed-decoder"):
-        raise SystemExit(f"error: --init starts a tokenizer, AR or seed-decoder run from trained weights; mmgen train "
+    if args.init and args.what not in ("tokenizer", "ar", "seed-tokenizer", "seed-decoder"):
+        raise SystemExit(f"error: --init starts a tokenizer, AR, seed-tokenizer or seed-decoder run from trained weights; mmgen train "
                          f"{args.what} does not take it (--resume continues a run)")
     if args.what != "ar" and args.precision != "no":
         raise SystemExit("error: --precision is for mmgen train ar")
@@ -172,7 +172,8 @@ def cmd_train(args) -> int:
             if not args.clip:
                 raise SystemExit("error: mmgen train seed-tokenizer needs --clip DIR (a trained CLIP)")
             path = seed_train.train_seed_tokenizer(args.recipe, args.clip, args.output, steps=args.steps,
-                                                   resume=args.resume, max_minutes=args.max_minutes)
+                                                   resume=args.resume, max_minutes=args.max_minutes,
+                                                   init=args.init)
         else:
             if not (args.tokenizer and args.vae):
                 raise SystemExit("error: mmgen train seed-decoder needs --tokenizer DIR (SEED) and --vae DIR "
@@ -443,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "
                     "checkpoints/text_tokenizer; (seed-decoder) from this SEED tokenizer's decoder, e.g. "
-                    "checkpoints/seed/tokenizer; (ar) from this pipeline's model weights, e.g. a 256x256 run for "
+                    "checkpoints/seed/tokenizer; (seed-tokenizer) from this SEED tokenizer's own weights, also when the recipe "
+                    "adds clip_crops; (ar) from this pipeline's model weights, e.g. a 256x256 run for "
                     "recipes/text_ar_512_ts4.yaml (fresh optimizer and schedule; the recipe must match it, but an ar "
                     "recipe may add glyph_head or byte_index and a tokenizer recipe decoder_context, which start "
                     "fresh, and change decoder_padding)")

@@ -129,6 +129,36 @@ class ShapesCLIP(nn.Module):
         pooled = x[:, 0] @ vis.proj if vis.proj is not None else x[:, 0]
         return x, pooled
 
+    def crop_views(self, images, crops: int) -> torch.Tensor:
+        """The image and ``crops`` x ``crops`` overlapping crops of it, each resized to the CLIP's input size:
+        (b, 1 + crops^2, 3, s, s) in [0, 1]. A crop is 2 / (crops + 1) of the side, at a stride of half a crop,
+        so every box up to a third of the crop's side (a shapes-world cell, for 2 or 3) lies whole in one crop;
+        for 3 crops a side each is half the image, upsampled 2x. Bilinear with antialiasing off (it upsamples)."""
+        x = images_to_tensor(images).to(self.device)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"this CLIP takes {self.image_size}x{self.image_size} images, got "
+                             f"{x.shape[-1]}x{x.shape[-2]}")
+        if crops < 1:
+            raise ValueError(f"crops must be at least 1, got {crops}")
+        s = self.image_size
+        side = round(2 * s / (crops + 1))
+        starts = [round(i * (s - side) / (crops - 1)) if crops > 1 else (s - side) // 2 for i in range(crops)]
+        views = [x] + [F.interpolate(x[:, :, y:y + side, z:z + side], size=(s, s), mode="bilinear",
+                                     align_corners=False) for y in starts for z in starts]
+        return torch.stack(views, 1)
+
+    def multicrop_features(self, images, crops: int, class_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image_features`` of the image and of its ``crop_views``, the tokens of every view side by side:
+        (b, (1 + crops^2) * tokens, width), and the whole image's embedding (b, embed_dim). The ViT is the
+        same frozen one; a small object, upsampled with its crop, spans more patches. ``crops`` 0: the image
+        alone."""
+        if crops == 0:
+            return self.image_features(images, class_token)
+        v = self.crop_views(images, crops)
+        b, n = v.shape[:2]
+        tokens, pooled = self.image_features(v.flatten(0, 1), class_token)
+        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2]), pooled.reshape(b, n, -1)[:, 0]
+
     def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
         emb = self.image_features(images)[1]
         return F.normalize(emb, dim=-1) if normalize else emb

@@ -60,6 +60,7 @@ class SEEDConfig:
     feature_dim: int = 192       # CLIP ViT width (taken from the CLIP at build time)
     embed_dim: int = 128         # CLIP joint embedding size (taken from the CLIP)
     clip_class_token: bool = False  # the Q-Former also cross-attends to the ViT's class token (BLIP-2 sees all tokens)
+    clip_crops: int = 0          # also the tokens of n x n overlapping crops, upsampled (ShapesCLIP.crop_views); 0: off
     codebook_size: int = 1024
     code_dim: int = 32
     beta: float = 0.25
@@ -84,19 +85,32 @@ SEED_CONFIGS = {
 
 
 class QFormerBlock(nn.Module):
-    """Pre-norm block: causal self-attention among the queries, cross-attention to the image features, MLP."""
+    """Pre-norm block: causal self-attention among the queries, cross-attention to the image features, MLP.
 
-    def __init__(self, width: int, heads: int):
+    With ``crops`` a second cross-attention reads the crop views' features, its output scaled by tanh of a
+    gate that starts at 0 (Flamingo's gated cross-attention, arXiv 2204.14198): a block added to a trained
+    Q-Former starts as the identity, so its ids start where they were, and the gate opens as far as the
+    crops help."""
+
+    def __init__(self, width: int, heads: int, crops: bool = False):
         super().__init__()
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
         self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        if crops:
+            self.ln_crop = nn.LayerNorm(width)
+            self.crop_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+            self.crop_gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, q: torch.Tensor, feats: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, feats: torch.Tensor, causal: torch.Tensor,
+                crop_feats: torch.Tensor | None = None) -> torch.Tensor:
         h = self.ln1(q)
         q = q + self.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0]
         q = q + self.cross_attn(self.ln2(q), feats, feats, need_weights=False)[0]
+        if crop_feats is not None:
+            q = q + torch.tanh(self.crop_gate) * self.crop_attn(self.ln_crop(q), crop_feats, crop_feats,
+                                                                need_weights=False)[0]
         return q + self.mlp(self.ln3(q))
 
 
@@ -258,8 +272,13 @@ class CaptionSlots(nn.Module):
 
 
 class CausalQFormer(nn.Module):
-    def __init__(self, c: SEEDConfig, num_features: int = 64):
+    """``num_features`` tokens per view; with ``crops`` views after the first, every block also reads those
+    (``QFormerBlock``'s gated crop cross-attention). ``feat_pos`` holds every view's position rows."""
+
+    def __init__(self, c: SEEDConfig, num_features: int = 64, crops: int = 0):
         super().__init__()
+        self.view_tokens = num_features
+        num_features = num_features * (1 + crops)
         self.feat_proj = nn.Sequential(nn.LayerNorm(c.feature_dim), nn.Linear(c.feature_dim, c.width))
         # where each ViT patch sits, added again before cross-attention: the features' own position signal
         # fades through the ViT (a contrastive CLIP barely needs it), and captions name positions
@@ -267,17 +286,20 @@ class CausalQFormer(nn.Module):
         # reached 0.68 of slots in 150 steps, at 1.0 0.76)
         self.feat_pos = nn.Parameter(torch.randn(num_features, c.width))
         self.queries = nn.Parameter(torch.randn(c.num_queries, c.width) * 0.02)
-        self.blocks = nn.ModuleList(QFormerBlock(c.width, c.heads) for _ in range(c.layers))
+        self.blocks = nn.ModuleList(QFormerBlock(c.width, c.heads, crops > 0) for _ in range(c.layers))
         self.ln_out = nn.LayerNorm(c.width)
         n = c.num_queries
         self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).triu(1), persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(b, n_patches, feature_dim) -> causal embeddings (b, num_queries, width); query i sees queries <= i."""
-        f = self.feat_proj(features) + self.feat_pos[:features.shape[1]]
+        if features.shape[1] != self.feat_pos.shape[0]:
+            raise ValueError(f"the Q-Former reads {self.feat_pos.shape[0]} feature tokens, got {features.shape[1]}")
+        f = self.feat_proj(features) + self.feat_pos
+        whole, crops = f[:, :self.view_tokens], (f[:, self.view_tokens:] if f.shape[1] > self.view_tokens else None)
         q = self.queries.unsqueeze(0).expand(f.shape[0], -1, -1)
         for blk in self.blocks:
-            q = blk(q, f, self.causal)
+            q = blk(q, whole, self.causal, crops)
         return self.ln_out(q)
 
 
@@ -391,8 +413,10 @@ class SEEDTokenizer(Tokenizer):
         config.caption_words = tuple(config.caption_words)
         self.config = config
         self.clip = clip.eval().requires_grad_(False)
+        if not 0 <= int(config.clip_crops) <= 4:
+            raise ValueError(f"clip_crops must be 0 (off) to 4, got {config.clip_crops}")
         patches = (clip.image_size // int(clip.model_cfg["vision_cfg"]["patch_size"])) ** 2
-        self.qformer = CausalQFormer(config, patches + int(config.clip_class_token))
+        self.qformer = CausalQFormer(config, patches + int(config.clip_class_token), int(config.clip_crops) ** 2)
         self.caption_encoder = CaptionEncoder(config)
         self.caption_decoder = CaptionDecoder(config)
         self.caption_slots = CaptionSlots(config)
@@ -434,10 +458,14 @@ class SEEDTokenizer(Tokenizer):
         return self.to_code.weight.device
 
     # ---- tokens ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_features(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen CLIP's tokens the Q-Former reads (the image's, then each crop's with ``clip_crops``) and
+        the whole image's CLIP embedding."""
+        return self.clip.multicrop_features(images, int(self.config.clip_crops), self.config.clip_class_token)
+
     def causal_embeddings(self, images) -> torch.Tensor:
-        with torch.no_grad():
-            feats = self.clip.image_features(images, self.config.clip_class_token)[0]
-        return self.qformer(feats)
+        return self.qformer(self.clip_features(images)[0])
 
     def quantize(self, emb: torch.Tensor):
         """Causal embeddings (b, n, width) -> (code vectors (b, n, code_dim), ids (b, n), vq loss, perplexity)."""
@@ -476,8 +504,7 @@ class SEEDTokenizer(Tokenizer):
         the VQ loss and the reconstruction of the causal embeddings and of the CLIP image embedding from the
         codes, and asks the caption losses of the embeddings reconstructed from the codes too, so the 32 codes
         themselves carry the caption."""
-        with torch.no_grad():
-            feats, img_emb = self.clip.image_features(images, self.config.clip_class_token)
+        feats, img_emb = self.clip_features(images)
         text = self.caption_encoder(list(captions) + list(negatives or []))
         words = self.caption_encoder.ids(list(described if described is not None else captions))
         slots = self.caption_slots.targets(scenes) if scenes is not None else None

@@ -63,8 +63,8 @@ def run_loop(name: str, module: torch.nn.Module, params, recipe: dict, out: Path
     save_every, log_every = int(tr.get("save_every", 100)), int(tr.get("log_every", 10))
     bar = tqdm(total=steps, initial=step, disable=not (progress and acc.is_main_process), desc=name)
     while step < steps:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, int(tr.get("warmup", 50)))
+        for g in opt.param_groups:  # a group may scale the schedule (``lr_scale``)
+            g["lr"] = cosine_lr(step, steps, lr, int(tr.get("warmup", 50))) * g.get("lr_scale", 1.0)
         loss, row = loss_fn(model, next(data), step)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -159,12 +159,18 @@ def build_seed(recipe: dict, clip_dir: str, vae_dir: str | None = None, with_dec
 
 
 def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: int | None = None,
-                         resume: bool = False, progress: bool = True, max_minutes: float | None = None) -> Path:
-    """SEED stages 1 and 2 in one run: alignment only for ``stage1_steps``, then codebook + reconstruction."""
+                         resume: bool = False, progress: bool = True, max_minutes: float | None = None,
+                         init: str | None = None) -> Path:
+    """SEED stages 1 and 2 in one run: alignment only for ``stage1_steps``, then codebook + reconstruction.
+
+    ``init``: a trained SEED tokenizer folder to start from (``init_seed_tokenizer``), with a fresh optimizer
+    and schedule; its CLIP must be the one given."""
     recipe = read_yaml(recipe_path)
     tr = recipe.get("training", {})
     out = Path(output)
     tok = build_seed(recipe, clip_dir)
+    if init and not resume:  # a resumed run takes its weights from its own training state
+        init_seed_tokenizer(tok, init)
     tok.caption_slots.set_weights(tr.get("slot_weights"))
     tok.set_caption_loss_weights(tr.get("caption_loss_weights"))
     stage1 = int(tr.get("stage1_steps", 300))
@@ -176,22 +182,27 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
     def loss_fn(model, data, step):
         x, captions, negatives, described, scenes = data
         stage = 1 if step < stage1 else 2
-        if step == stage1:  # the usage window starts empty: the first restart seeds every code from real latents
-            tok.quantizer.window_hits.zero_()
+        if step == stage1 and not init:  # the usage window starts empty: the first restart seeds every code
+            tok.quantizer.window_hits.zero_()  # (a trained codebook from ``init`` keeps its codes)
         loss, row = model(x, captions, stage, negatives, described, scenes)
         nxt = step + 1  # on_step sees this step number
-        if stage == 2 and (nxt == stage1 + 1 or nxt % restart_every == 0):  # latents for the dead-code restart
+        first = nxt == stage1 + 1 and not init
+        if stage == 2 and (first or nxt % restart_every == 0):  # latents for the dead-code restart
             with torch.no_grad():
                 last_codes["z"] = tok.to_code(tok.causal_embeddings(x[:32])).detach()
         return loss, row
 
     def on_step(module, step):
-        if step > stage1 and (step == stage1 + 1 or step % restart_every == 0) and "z" in last_codes:
+        if step > stage1 and ((step == stage1 + 1 and not init) or step % restart_every == 0) and "z" in last_codes:
             from einops import rearrange
 
             module.quantizer.restart_dead_codes(rearrange(last_codes["z"], "b n d -> b d 1 n"), gen)
 
-    trainable = [p for n, p in tok.named_parameters() if not n.startswith("clip.")]
+    gate_scale = float(tr.get("gate_lr_scale", 1.0))  # the crop gates' learning rate, times the schedule's
+    named = [(n, p) for n, p in tok.named_parameters() if not n.startswith("clip.")]
+    trainable = [{"params": [p for n, p in named if not n.endswith("crop_gate")]},
+                 {"params": [p for n, p in named if n.endswith("crop_gate")], "lr_scale": gate_scale}]
+    trainable = [g for g in trainable if g["params"]]
     run_loop("seed-tokenizer", tok, trainable, recipe, out,
              _contrastive_batches(batch, tok.config.image_size, bool(tr.get("hard_negatives", True)),
                                   bool(tr.get("paraphrase", False)), tr.get("hard_negative_kinds")), loss_fn,
@@ -258,6 +269,64 @@ def train_seed_decoder(recipe_path: str, tokenizer_dir: str, vae_dir: str, outpu
              cached if cache else targets(batch), loss_fn,
              lambda m: m.t.save_pretrained(out / "tokenizer"), steps, resume, progress, max_minutes=max_minutes)
     return out / "tokenizer"
+
+
+def init_seed_tokenizer(tok, init_dir: str) -> None:
+    """Copy a trained SEED tokenizer's own weights (Q-Former, codebook, code decoder, caption heads; not the
+    diffusion decoder) into ``tok``, which must be the same apart from more CLIP views (``clip_crops``). Each
+    crop's Q-Former position embedding starts as the trained one at the image position its patch covers,
+    each block's crop cross-attention as a copy of its trained cross-attention, its gate at 0: the tokenizer
+    starts out giving the trained one's ids. The CLIPs must match."""
+    from mmgen.tokenizers.base import CheckpointError
+    from mmgen.tokenizers.seed import SEEDTokenizer
+
+    src = SEEDTokenizer.from_pretrained(init_dir, with_decoder=False)
+    if any(not torch.equal(a, b.to(a.dtype)) for a, b in zip(tok.clip.state_dict().values(),
+                                                           src.clip.state_dict().values())):
+        raise CheckpointError(f"the CLIP in {init_dir} is not the one given with --clip")
+    if src.config.clip_crops or src.config.clip_class_token != tok.config.clip_class_token:
+        raise ValueError(f"{init_dir} must read the image alone, with the recipe's clip_class_token")
+    mine, theirs = tok._own_state(), {k: v.float() for k, v in src._own_state().items()}
+    crop_part = (".crop_attn.", ".ln_crop.", ".crop_gate")
+    new = {k for k in mine if any(p in k for p in crop_part)}
+    differ = sorted((set(mine) - new) ^ set(theirs)) or [k for k in theirs if mine[k].shape != theirs[k].shape
+                                                         and k != "qformer.feat_pos"]
+    if differ:
+        raise ValueError(f"the SEED tokenizer in {init_dir} is not the recipe's: it differs in {differ[:5]}")
+    theirs["qformer.feat_pos"] = crop_positions(theirs["qformer.feat_pos"], tok.config.clip_crops,
+                                                tok.clip.image_size, tok.config.clip_class_token)
+    for k in new:  # each crop cross-attention starts as a copy of its block's trained one, its gate shut
+        if k.endswith(".crop_gate"):
+            theirs[k] = torch.zeros(())
+        else:
+            theirs[k] = theirs[k.replace(".crop_attn.", ".cross_attn.").replace(".ln_crop.", ".ln2.")]
+    tok.load_state_dict({**tok.state_dict(), **theirs})
+    log.info("SEED tokenizer started from %s", init_dir)
+
+
+def crop_positions(pos: torch.Tensor, crops: int, image_size: int, class_token: bool) -> torch.Tensor:
+    """A single view's position embedding (class token first if ``class_token``, then a square grid of
+    patches) -> one for the image and its ``crops`` x ``crops`` views (``ShapesCLIP.crop_views``): each crop
+    patch takes the row of the image patch under its centre; a crop's class token the image's."""
+    if crops == 0:
+        return pos
+    lead = int(class_token)
+    grid = int(round((pos.shape[0] - lead) ** 0.5))
+    if grid * grid + lead != pos.shape[0]:
+        raise ValueError(f"a position embedding of {pos.shape[0]} rows is no square grid")
+    side = round(2 * image_size / (crops + 1))
+    starts = [round(i * (image_size - side) / (crops - 1)) if crops > 1 else (image_size - side) // 2
+              for i in range(crops)]
+    cell = image_size / grid                      # image pixels per patch
+    centres = (torch.arange(grid) + 0.5) * side / grid  # crop patch centres, in image pixels from the crop's edge
+    views = [pos]
+    for y0 in starts:
+        for x0 in starts:
+            r = ((y0 + centres) / cell).long().clamp(max=grid - 1)
+            c = ((x0 + centres) / cell).long().clamp(max=grid - 1)
+            rows = (r[:, None] * grid + c[None, :]).flatten() + lead
+            views.append(torch.cat([pos[:lead], pos[rows]]))
+    return torch.cat(views)
 
 
 def init_decoder(tok, init_dir: str) -> None:

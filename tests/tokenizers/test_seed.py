@@ -406,3 +406,98 @@ def test_decoder_init_continues_a_trained_decoder_on_a_fresh_cache(tmp_path, bat
     again = SEEDTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
     for name, p in trained.diffusion.state_dict().items():  # at lr 0 the run keeps the weights it started from
         torch.testing.assert_close(again.diffusion.state_dict()[name], p, msg=name)
+
+
+def test_crop_views_cover_every_cell_and_feed_the_qformer(tmp_path, batch):
+    """``clip_crops``: the image and n x n overlapping crops, each resized to the CLIP's input; their tokens sit
+    side by side for the Q-Former, the image embedding is the whole image's; crops 0 is the image alone."""
+    torch.manual_seed(0)
+    clip = ShapesCLIP(CLIP_CONFIGS["debug"]).eval()
+    ramp = torch.linspace(0, 1, 64).expand(1, 3, 64, 64).clone()  # pixel value = its column / 63
+    views = clip.crop_views(ramp, 3)
+    assert views.shape == (1, 10, 3, 64, 64)
+    torch.testing.assert_close(views[:, 0], ramp)
+    # crops of half the side (32 px) at 0, 16, 32: the top-right crop spans columns 32-63, upsampled 2x
+    assert abs(views[0, 3, 0, 0, 0].item() - 32 / 63) < 0.01 and abs(views[0, 3, 0, 0, -1].item() - 1) < 0.01
+    assert abs(views[0, 2, 0, 0, 0].item() - 16 / 63) < 0.01
+    x, _ = batch
+    with torch.no_grad():
+        alone, emb = clip.image_features(x, class_token=True)
+        both, emb2 = clip.multicrop_features(x, 2, class_token=True)
+        same, _ = clip.multicrop_features(x, 0, class_token=True)
+    assert both.shape == (len(x), 5 * alone.shape[1], alone.shape[2]) and torch.equal(same, alone)
+    torch.testing.assert_close(both[:, :alone.shape[1]], alone)
+    torch.testing.assert_close(emb2, emb)
+    cfg = SEEDConfig(**{**SEED_CONFIGS["debug"].__dict__, "clip_class_token": True, "clip_crops": 2})
+    tok = SEEDTokenizer(cfg, clip, debug_vae()).eval()
+    assert tok.qformer.feat_pos.shape[0] == 5 * alone.shape[1]
+    ids = tok.encode(x)
+    tok.save_pretrained(tmp_path / "tok")
+    assert torch.equal(SEEDTokenizer.from_pretrained(tmp_path / "tok").encode(x), ids)
+    with pytest.raises(ValueError, match="reads 85 feature tokens, got 17"):
+        tok.qformer(alone)
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match="clip_crops"):
+            SEEDTokenizer(SEEDConfig(**{**SEED_CONFIGS["debug"].__dict__, "clip_crops": bad}), clip, debug_vae())
+
+
+def test_crop_positions_start_where_each_crop_patch_lies():
+    """A crop patch's position row is the image patch under its centre; each crop's class token the image's."""
+    from mmgen.train.seed import crop_positions
+
+    pos = torch.arange(1 + 16 * 16, dtype=torch.float)[:, None]  # row r holds r: class token 0, patch (i, j) 1+16i+j
+    out = crop_positions(pos, 3, 64, class_token=True)
+    assert out.shape == (10 * 257, 1) and torch.equal(out[:257], pos)
+    view = lambda k: out[257 * k:257 * (k + 1), 0]  # noqa: E731
+    assert view(1)[0] == 0 and view(1)[1] == 1          # top-left crop, first patch: image patch (0, 0)
+    assert view(1)[1 + 16 * 15 + 15] == 1 + 16 * 7 + 7  # its last patch: image pixel 31 -> patch (7, 7)
+    assert view(5)[1] == 1 + 16 * 4 + 4                 # centre crop starts at pixel 16 -> patch (4, 4)
+    assert view(9)[1 + 16 * 15 + 15] == 1 + 16 * 15 + 15
+    assert torch.equal(crop_positions(pos, 0, 64, True), pos)
+    with pytest.raises(ValueError, match="square grid"):
+        crop_positions(pos[:-1], 2, 64, True)
+
+
+def test_seed_tokenizer_init_adds_crops_to_a_trained_tokenizer(tmp_path, batch):
+    """``mmgen train seed-tokenizer --init DIR``: a recipe with ``clip_crops`` starts from DIR's Q-Former,
+    codebook and heads (crop positions from the image's, crop cross-attention copied from the trained one, its
+    gate shut), so it gives DIR's ids until the gates open; at learning rate 0 the codebook is kept (no forced
+    restart of every code); another CLIP is refused."""
+    from mmgen.cli import main
+    from mmgen.train.seed import init_seed_tokenizer
+
+    torch.manual_seed(0)
+    clip = ShapesCLIP(CLIP_CONFIGS["debug"])
+    clip.save_pretrained(tmp_path / "clip")
+    base = dict(SEED_CONFIGS["debug"].__dict__, clip_class_token=True)
+    trained = SEEDTokenizer(SEEDConfig(**base), clip).eval()
+    trained.save_pretrained(tmp_path / "trained")
+    crops = SEEDTokenizer(SEEDConfig(**{**base, "clip_crops": 2}), clip).eval()
+    init_seed_tokenizer(crops, str(tmp_path / "trained"))
+    theirs = trained._own_state()
+    for name, p in crops._own_state().items():
+        if name == "qformer.feat_pos":
+            torch.testing.assert_close(p[:len(theirs[name])], theirs[name])
+        elif name.endswith("crop_gate"):
+            assert p.item() == 0
+        else:
+            torch.testing.assert_close(p, theirs[name.replace("crop_attn", "cross_attn").replace("ln_crop", "ln2")],
+                                       msg=name)
+    x, _ = batch
+    assert torch.equal(crops.encode(x), trained.encode(x))  # gates shut: the trained tokenizer's ids
+    with torch.no_grad():
+        crops.qformer.blocks[0].crop_gate.fill_(1.0)
+    assert not torch.allclose(crops.causal_embeddings(x), trained.causal_embeddings(x))  # open: the crops count
+    torch.manual_seed(9)
+    other = SEEDTokenizer(SEEDConfig(**{**base, "clip_crops": 2}), ShapesCLIP(CLIP_CONFIGS["debug"]))
+    with pytest.raises(CheckpointError, match="not the one given"):
+        init_seed_tokenizer(other, str(tmp_path / "trained"))
+    recipe = tmp_path / "seed.yaml"
+    recipe.write_text("architecture: {size: debug, clip_class_token: true, clip_crops: 2}\n"
+                      "training: {steps: 2, stage1_steps: 0, batch_size: 4, log_every: 1, lr: 0.0, restart_every: 50,"
+                      " caption_loss_weights: {align: 0, itg: 0}}\n")
+    assert main(["train", "seed-tokenizer", "--recipe", str(recipe), "--clip", str(tmp_path / "clip"),
+                 "--init", str(tmp_path / "trained"), "--output", str(tmp_path / "run")]) == 0
+    again = SEEDTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
+    assert again.config.clip_crops == 2 and torch.equal(again.encode(x), trained.encode(x))
+    torch.testing.assert_close(again.quantizer.embedding.weight, trained.quantizer.embedding.weight)
