@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100 readout steps on 1,000 images, 100 probe images")
     ap.add_argument("--only-tokenizer", action="store_true", help="skip the CLIP probes (they do not depend on the "
                     "tokenizer)")
+    ap.add_argument("--crops", type=int, default=0, metavar="N", help="also a shape readout on the tokens of the "
+                    "image and its N x N upsampled crops (ShapesCLIP.crop_views), beside the image alone")
+    ap.add_argument("--slots-only", action="store_true", help="of the tokenizer probes, only its own slot readout")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -48,13 +51,20 @@ def main() -> None:
     n_train, steps, n = (1000, 100, 100) if args.quick else (3500, 400, 300)
     if args.only_tokenizer and not args.tokenizer:
         ap.error("--only-tokenizer needs --tokenizer")
+    if args.slots_only and not args.tokenizer:
+        ap.error("--slots-only needs --tokenizer")
+    if not 0 <= args.crops <= 4:
+        ap.error("--crops must be 0 to 4")
     figures = {"clip": args.clip}
     if not args.only_tokenizer:
         figures["clip_retrieval"] = attribute_retrieval(clip, n=n)
         print("CLIP attribute retrieval:", json.dumps(figures["clip_retrieval"]), flush=True)
-        for name, conv in (("clip_shape_readout", False), ("clip_shape_readout_conv", True)):
+        runs = [("clip_shape_readout", False, 0), ("clip_shape_readout_conv", True, 0)]
+        if args.crops:
+            runs.insert(1, (f"clip_shape_readout_crops{args.crops}", False, args.crops))
+        for name, conv, crops in runs:
             figures[name] = clip_shape_readout(clip, n_train=n_train, n_test=500, steps=steps, conv=conv,
-                                               progress=True)
+                                               progress=True, crops=crops)
             print(f"{name}:", json.dumps(figures[name]), flush=True)
     if args.tokenizer:
         tok = SEEDTokenizer.from_pretrained(args.tokenizer, with_decoder=False)
@@ -67,13 +77,14 @@ def main() -> None:
             figures[f"seed_slot_readout_{k}obj"] = seed_slot_readout(tok, n=n, num_objects=k)
             print(f"SEED slot readout, {k} object(s):", json.dumps(figures[f"seed_slot_readout_{k}obj"]), flush=True)
         fresh_steps = 100 if args.quick else 600
-        for name, k in (("seed_fresh_slots_1obj", 1), ("seed_fresh_slots_mix", None)):
+        for name, k in () if args.slots_only else (("seed_fresh_slots_1obj", 1), ("seed_fresh_slots_mix", None)):
             figures[name] = seed_fresh_slot_readout(tok, n_train=min(3000, n_train), steps=fresh_steps,
                                                     train_objects=k, progress=True)
             print(f"SEED fresh slot head, trained on {k or 'one to three'} object(s):", json.dumps(figures[name]),
                   flush=True)
-        figures["seed_code_probe"] = seed_code_probe(tok)
-        print("SEED code probe:", json.dumps(figures["seed_code_probe"]), flush=True)
+        if not args.slots_only:
+            figures["seed_code_probe"] = seed_code_probe(tok)
+            print("SEED code probe:", json.dumps(figures["seed_code_probe"]), flush=True)
     line = json.dumps(figures)
     if args.json:
         Path(args.json).write_text(line + "\n")

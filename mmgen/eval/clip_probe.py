@@ -115,14 +115,21 @@ def slot_scores(slots, emb: torch.Tensor, target: torch.Tensor, num_objects: int
     row = {attr: (logits[:, :num_objects].argmax(-1) == target[:, a:12:4][:, :num_objects]).float().mean().item()
            for a, (attr, logits) in enumerate(zip(("color", "shape", "size", "cell"), parts))}
     row["background"] = (bg_logits.argmax(-1) == target[:, 12]).float().mean().item()
+    shape_right = (parts[1][:, :num_objects].argmax(-1) == target[:, 1:12:4][:, :num_objects])
+    size = target[:, 2:12:4][:, :num_objects]  # the true size of each object
+    for k, name in enumerate(slots.sizes):
+        if (size == k).any():
+            row[f"shape_{name}"] = shape_right[size == k].float().mean().item()
     return row
 
 
 @torch.no_grad()
-def clip_tokens(clip, samples) -> torch.Tensor:
-    """World samples -> the frozen CLIP's output tokens (class token first, then the patches), 250 at a time."""
+def clip_tokens(clip, samples, crops: int = 0) -> torch.Tensor:
+    """World samples -> the frozen CLIP's output tokens (class token first, then the patches), 250 at a time;
+    with ``crops`` the tokens of the image's ``ShapesCLIP.crop_views`` after the image's own."""
     x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples])).permute(0, 3, 1, 2).float() / 255
-    return torch.cat([clip.image_features(x[i:i + 250], class_token=True)[0] for i in range(0, len(x), 250)])
+    return torch.cat([clip.multicrop_features(x[i:i + 250], crops, class_token=True)[0]
+                      for i in range(0, len(x), 250)])
 
 
 def train_slot_head(config, e_train: torch.Tensor, t_train: torch.Tensor, e_test: torch.Tensor,
@@ -151,13 +158,14 @@ def train_slot_head(config, e_train: torch.Tensor, t_train: torch.Tensor, e_test
 
 
 def clip_shape_readout(clip, n_train: int = 3500, n_test: int = 500, steps: int = 400, conv: bool = False,
-                       seed: int = PROBE_SEED, progress: bool = False) -> dict:
+                       seed: int = PROBE_SEED, progress: bool = False, crops: int = 0) -> dict:
     """Can attention read shape from the frozen CLIP's output tokens (class token first, then the patches)?
     A readout with the Q-Former's means (learnt position embedding at unit scale, 4 queries, two blocks of
     cross-attention and MLP, width 192), trained alone on one-object images to name the shape; ``conv``
     first mixes neighbouring patches with two 3x3 convolutions (residual). Returns held-out shape accuracy
     every 100 steps (chance 1/6) and, at the end, for small and large objects apart. Training is seeded, so a
-    rerun gives the same figures."""
+    rerun gives the same figures. ``crops``: the readout reads the tokens of the image and of its ``crops`` x
+    ``crops`` upsampled crops (``ShapesCLIP.crop_views``) side by side (not with ``conv``)."""
     import torch.nn.functional as F
     from torch import nn
 
@@ -165,7 +173,9 @@ def clip_shape_readout(clip, n_train: int = 3500, n_test: int = 500, steps: int 
     torch.manual_seed(0)
     samples = list(shapes.generate(n_train + n_test, seed + 3, size=clip.image_size, num_objects=1))
     y = torch.tensor([shapes.SHAPES.index(s.objects[0].shape) for s in samples])
-    f = clip_tokens(clip, samples)
+    if conv and crops:
+        raise ValueError("the conv readout reads one view's grid; crops need conv=False")
+    f = clip_tokens(clip, samples, crops)
     width, dim, grid = 192, f.shape[-1], int(round((f.shape[1] - 1) ** 0.5))
 
     class Readout(nn.Module):

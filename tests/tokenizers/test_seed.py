@@ -269,19 +269,41 @@ def test_slot_and_shape_readouts_on_debug_models():
     for k in (1, 3):
         out = seed_slot_readout(tok, n=6, num_objects=k)
         assert set(out) == {"embeddings", "codes"}
-        assert all(set(row) == set(ATTRIBUTES) for row in out.values())
+        assert all(set(ATTRIBUTES) <= set(row) <= set(ATTRIBUTES) | {"shape_small", "shape_large"}
+                   for row in out.values())
         # each figure is a share of k * 6 objects (or 6 backgrounds)
         assert all(round(v * 6 * k) == pytest.approx(v * 6 * k, abs=1e-4) for row in out.values()
-                   for a, v in row.items() if a != "background")
+                   for a, v in row.items() if a in ATTRIBUTES and a != "background")
+    crops = clip_shape_readout(tok.clip, n_train=40, n_test=12, steps=3, crops=2)
+    assert 0 <= crops["shape"] <= 1 and set(crops["shape_by_size"]) <= {"small", "large"}
+    with pytest.raises(ValueError, match="conv=False"):
+        clip_shape_readout(tok.clip, n_train=40, n_test=12, steps=3, conv=True, crops=2)
     a = clip_shape_readout(tok.clip, n_train=40, n_test=12, steps=3, conv=True)
     b = clip_shape_readout(tok.clip, n_train=40, n_test=12, steps=3, conv=True)
     assert a == b and set(a["shape_by_step"]) == {3} and 0 <= a["shape"] <= 1
     before = {k: v.clone() for k, v in tok.state_dict().items()}
     fresh = [seed_fresh_slot_readout(tok, n_train=24, n_test=12, steps=3, train_objects=k) for k in (1, None, None)]
-    assert fresh[1] == fresh[2] and set(fresh[0]["final"]) == set(ATTRIBUTES)
+    assert fresh[1] == fresh[2] and set(ATTRIBUTES) <= set(fresh[0]["final"])
     assert fresh[0]["final"]["shape"] == fresh[0]["shape_by_step"][3]
     # the probe trains its own head: the tokenizer (its slot head included) is left as it was
     assert all(torch.equal(v, tok.state_dict()[k]) for k, v in before.items())
+
+
+def test_slot_scores_split_shape_by_true_size():
+    """``slot_scores`` reports shape for small and large objects apart, by each object's true size; weighted by
+    their counts they give the overall shape figure."""
+    from mmgen.eval.clip_probe import slot_scores
+    from mmgen.worlds import shapes
+
+    tok = debug_seed(with_decoder=False)
+    samples = list(shapes.generate(40, 5, num_objects=3))
+    target = tok.caption_slots.targets([(s.objects, s.background) for s in samples])
+    emb = torch.randn(40, tok.config.num_queries, tok.config.width)
+    row = slot_scores(tok.caption_slots, emb, target, num_objects=3)
+    sizes = target[:, 2:12:4]
+    n_small, n_large = (sizes == 0).sum().item(), (sizes == 1).sum().item()
+    assert tok.caption_slots.sizes == ["small", "large"] and n_small + n_large == 120
+    assert row["shape_small"] * n_small + row["shape_large"] * n_large == pytest.approx(row["shape"] * 120, abs=1e-3)
 
 
 def test_slot_weights_scale_each_attribute_loss():
