@@ -3,6 +3,7 @@ key is an error, not a silently ignored setting."""
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mmgen.tokenizers.base import TokenLayout
@@ -28,7 +29,8 @@ AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_ima
                 "text_ar_ts4_bitwise.yaml": "binary_text_pages.yaml",
                 "seed_ar.yaml": "seed.yaml", "seed_p4_ar.yaml": "seed_p4_slots_long_stage2_long_probe.yaml",
                 "seed_p4_ar_more.yaml": "seed_p4_slots_long_stage2_long_probe.yaml",
-                "seed_p4_ar_more2.yaml": "seed_p4_slots_long_stage2_long_probe.yaml"}
+                "seed_p4_ar_more2.yaml": "seed_p4_slots_long_stage2_long_probe.yaml",
+                "seed_p4_ar_crops.yaml": "seed_p4_crops.yaml"}
 
 
 def test_every_ar_recipe_names_its_tokenizer():
@@ -138,3 +140,24 @@ def test_clip_and_seed_recipes_build(tmp_path):
     tok = build_seed(seed_recipe, str(tmp_path / "clip"))
     assert tok.config.clip_class_token and tok.qformer.feat_pos.shape[0] == (64 // 4) ** 2 + 1
     tok.caption_slots.set_weights(seed_recipe["training"].get("slot_weights"))
+
+
+def test_seed_crops_recipe_starts_as_the_shipped_tokenizer():
+    """tokenizers/seed_p4_crops.yaml over the shipped CLIP, started from the shipped tokenizer (--init): the
+    Q-Former reads the image and 2x2 crops (5 x 257 tokens) and, its crop gates shut, gives the shipped ids."""
+    from mmgen.tokenizers.seed import SEEDTokenizer
+    from mmgen.train.seed import build_seed, init_seed_tokenizer
+    from mmgen.worlds import shapes
+
+    shipped = ROOT / "checkpoints" / "seed" / "tokenizer"
+    recipe = yaml.safe_load((ROOT / "tokenizers" / "seed_p4_crops.yaml").read_text())
+    tok = build_seed(recipe, str(shipped / "clip")).eval()
+    assert tok.config.clip_crops == 2 and tok.qformer.feat_pos.shape[0] == 5 * ((64 // 4) ** 2 + 1)
+    ref = SEEDTokenizer.from_pretrained(shipped, with_decoder=False)
+    if ref.config.clip_crops == 0:
+        init_seed_tokenizer(tok, str(shipped))
+        images = [s.image for s in shapes.generate(8, seed=11)]
+        assert torch.equal(tok.encode(images), ref.encode(images))
+    else:  # the shipped tokenizer is this recipe's result: the recipe describes its shapes exactly
+        tok.load_state_dict({**tok.state_dict(), **{k: v.float() for k, v in ref._own_state().items()}})
+        assert set(tok._own_state()) == set(ref._own_state())
