@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmgen.eval.clip_probe import (attribute_retrieval, clip_shape_readout, seed_code_probe,  # noqa: E402
-                                   seed_fresh_slot_readout, seed_slot_readout)
+from mmgen.eval.clip_probe import (attribute_retrieval, clip_shape_readout, id_agreement,  # noqa: E402
+                                   seed_code_probe, seed_fresh_slot_readout, seed_slot_readout)
 from mmgen.tokenizers.clip_shapes import ShapesCLIP  # noqa: E402
 from mmgen.tokenizers.seed import SEEDTokenizer  # noqa: E402
 
@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=0, metavar="N", help="also a shape readout on the tokens of the "
                     "image and its N x N upsampled crops (ShapesCLIP.crop_views), beside the image alone")
     ap.add_argument("--slots-only", action="store_true", help="of the tokenizer probes, only its own slot readout")
+    ap.add_argument("--same-ids-as", metavar="DIR", help="also the share of the tokenizer's ids that this other SEED "
+                    "tokenizer gives on the same scenes (e.g. the one it was continued from)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -51,6 +53,8 @@ def main() -> None:
     n_train, steps, n = (1000, 100, 100) if args.quick else (3500, 400, 300)
     if args.only_tokenizer and not args.tokenizer:
         ap.error("--only-tokenizer needs --tokenizer")
+    if args.same_ids_as and not args.tokenizer:
+        ap.error("--same-ids-as needs --tokenizer")
     if args.slots_only and not args.tokenizer:
         ap.error("--slots-only needs --tokenizer")
     if not 0 <= args.crops <= 4:
@@ -73,6 +77,10 @@ def main() -> None:
                                                                    clip.state_dict().values())):
             print(f"note: {args.tokenizer} carries a different CLIP than {args.clip}", flush=True)
         figures["tokenizer"] = args.tokenizer
+        if args.same_ids_as:
+            other = SEEDTokenizer.from_pretrained(args.same_ids_as, with_decoder=False)
+            figures["same_ids"] = {"as": args.same_ids_as, **id_agreement(tok, other, n=n)}
+            print("ids the same as", args.same_ids_as, json.dumps(figures["same_ids"]), flush=True)
         for k in (1, 3):
             figures[f"seed_slot_readout_{k}obj"] = seed_slot_readout(tok, n=n, num_objects=k)
             print(f"SEED slot readout, {k} object(s):", json.dumps(figures[f"seed_slot_readout_{k}obj"]), flush=True)

@@ -108,6 +108,21 @@ def seed_slot_readout(tokenizer, n: int = 300, num_objects: int = 1, seed: int =
 
 
 @torch.no_grad()
+def id_agreement(tokenizer, other, n: int = 300, seed: int = PROBE_SEED) -> dict:
+    """How many of ``tokenizer``'s ids are ``other``'s on the same fresh scenes (one to three objects): the
+    share of positions, of whole 32-id sequences, and of the first 8 positions. For a tokenizer continued
+    from another, it says how far the ids an AR model learnt have moved."""
+    samples = list(shapes.generate(n, seed + 21, size=tokenizer.config.image_size))
+    images = [s.image for s in samples]
+    a, b = tokenizer.encode(images), other.encode(images)
+    if a.shape != b.shape:
+        raise ValueError(f"the tokenizers give ids of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    same = a == b
+    return {"positions": same.float().mean().item(), "sequences": same.all(1).float().mean().item(),
+            "first_8": same[:, :8].float().mean().item()}
+
+
+@torch.no_grad()
 def slot_scores(slots, emb: torch.Tensor, target: torch.Tensor, num_objects: int = 1) -> dict:
     """A slot head (``CaptionSlots``) on embeddings (b, q, width) against ``slots.targets``: per attribute, the
     share of the first ``num_objects`` objects (reading order) it names, and of images whose background."""

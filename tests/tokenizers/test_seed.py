@@ -306,6 +306,16 @@ def test_slot_scores_split_shape_by_true_size():
     assert row["shape_small"] * n_small + row["shape_large"] * n_large == pytest.approx(row["shape"] * 120, abs=1e-3)
 
 
+def test_id_agreement_counts_equal_ids():
+    """``id_agreement``: a tokenizer against itself agrees everywhere; against another codebook, far less."""
+    from mmgen.eval.clip_probe import id_agreement
+
+    tok = debug_seed(with_decoder=False)
+    assert id_agreement(tok, tok, n=6) == {"positions": 1.0, "sequences": 1.0, "first_8": 1.0}
+    other = debug_seed(with_decoder=False, seed=4)
+    assert id_agreement(tok, other, n=6)["positions"] < 0.5
+
+
 def test_slot_weights_scale_each_attribute_loss():
     """training.slot_weights scales one attribute's slot loss: weighting shape 0 removes exactly its term."""
     from mmgen.worlds import shapes
