@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 AR_RECIPE_SECTIONS = {"architecture": None,  # checked by ARConfig
                       "training": {"steps", "batch_size", "lr", "warmup", "weight_decay", "cond_dropout", "save_every",
                                    "log_every", "seed", "world", "exclude_combos", "sampling_defaults", "see_batch",
-                                   "image_size", "cache_images", "glyph_weight"}}
+                                   "image_size", "cache_images", "glyph_weight", "init_over_retrained_tokenizer"}}
 
 # model settings that carry no weights: a run started with --init may change them (a longer sequence, a larger
 # Token-Shuffle grid for a larger canvas); every other setting must match the model it starts from
@@ -69,12 +69,19 @@ def build_model(recipe: dict, tokenizer) -> MMGenTransformer:
     return MMGenTransformer(cfg)
 
 
-def check_same_tokenizer(trained, tokenizer, where: str) -> None:
+def check_same_tokenizer(trained, tokenizer, where: str, retrained: bool = False) -> None:
     """The run's tokenizer must be the one the --init model was trained over (on any canvas): the same type,
-    configuration and weights, apart from the canvas and what the canvas resamples (``_state_at``)."""
+    configuration and weights, apart from the canvas and what the canvas resamples (``_state_at``).
+    ``retrained`` (``training.init_over_retrained_tokenizer``): that tokenizer trained further is allowed
+    too, the same type, vocabulary and id layout with other weights; the model relearns the ids that moved."""
     if type(trained) is not type(tokenizer):
         raise ValueError(f"--init {where}: its model was trained over a {type(trained).__name__}, the run's "
                          f"tokenizer is a {type(tokenizer).__name__}")
+    if retrained:
+        if trained.vocab_size != tokenizer.vocab_size or trained.layout != tokenizer.layout:
+            raise ValueError(f"--init {where}: its model's tokenizer has {trained.vocab_size} ids in "
+                             f"{trained.layout}, the run's {tokenizer.vocab_size} in {tokenizer.layout}")
+        return
     a, b = asdict(trained.config), asdict(tokenizer.config)
     differ = sorted(k for k in a if k != "image_size" and a[k] != b.get(k))
     mine = tokenizer.state_dict()
@@ -86,7 +93,7 @@ def check_same_tokenizer(trained, tokenizer, where: str) -> None:
                          f"(differs in {', '.join(differ[:5])}); give that pipeline's tokenizer folder")
 
 
-def init_model_from(model: MMGenTransformer, directory: str, tokenizer=None) -> None:
+def init_model_from(model: MMGenTransformer, directory: str, tokenizer=None, retrained: bool = False) -> None:
     """Copy a trained model's weights (a pipeline folder, or its model/ part) into ``model``, e.g. a 256x256
     run into the same model on 512x512 pages. ``model`` may have parts the trained one lacks
     (``INIT_ADDED_PARTS``: the glyph head, the byte index embedding); they keep their fresh initialisation.
@@ -95,7 +102,7 @@ def init_model_from(model: MMGenTransformer, directory: str, tokenizer=None) -> 
     folder = Path(directory)
     if (folder / "model_index.json").is_file():
         if tokenizer is not None:
-            check_same_tokenizer(load_tokenizer(folder / "tokenizer"), tokenizer, directory)
+            check_same_tokenizer(load_tokenizer(folder / "tokenizer"), tokenizer, directory, retrained)
         folder = folder / "model"
     src = MMGenTransformer.from_pretrained(folder)
     a, b = asdict(src.config), asdict(model.config)
@@ -262,7 +269,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
         if resume:
             raise ValueError("--init starts a new run from a model's weights; --resume continues a run: "
                              "give one of them")
-        init_model_from(model, init, tokenizer)
+        init_model_from(model, init, tokenizer, bool(tr.get("init_over_retrained_tokenizer", False)))
     text = SentenceEncoder(model.config.max_cond_tokens).to(acc.device)
     lr = float(tr.get("lr", 1e-3))
     decay, no_decay = [], []

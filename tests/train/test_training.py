@@ -141,6 +141,20 @@ def test_ar_run_starts_from_a_trained_model_on_a_larger_canvas(tmp_path, debug_c
     make_debug_tokenizer(seed=1).save_pretrained(other_tok)
     with pytest.raises(ValueError, match="not the tokenizer its model was trained over"):
         train_ar(big_recipe, str(other_tok), str(tmp_path / "o2"), progress=False, init=str(small))
+    # unless the recipe says the tokenizer was trained further: same vocabulary and layout, the weights carry over
+    again = train_ar(recipe("retrained", {"shuffle_window": 2}, lr=0.0, init_over_retrained_tokenizer=True),
+                     str(other_tok), str(tmp_path / "retrained"), progress=False, init=str(small))
+    got = load_file(str(again / "model" / "model.safetensors"))
+    assert all(torch.equal(src[k], got[k]) for k in src)
+    from dataclasses import replace
+
+    from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageTokenizer
+
+    wider = VQImageTokenizer(replace(VQ_IMAGE_CONFIGS["debug"], codebook_size=2 * VQ_IMAGE_CONFIGS["debug"].codebook_size))
+    wider.save_pretrained(tmp_path / "wider_tok")
+    with pytest.raises(ValueError, match="ids in"):
+        train_ar(recipe("retrained2", {"shuffle_window": 2}, lr=0.0, init_over_retrained_tokenizer=True),
+                 str(tmp_path / "wider_tok"), str(tmp_path / "o3"), progress=False, init=str(small))
     with pytest.raises(ValueError, match="--resume continues"):
         train_ar(big_recipe, str(small / "tokenizer"), str(tmp_path / "big"), progress=False, init=str(small),
                  resume=True)
