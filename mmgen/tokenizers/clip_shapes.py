@@ -80,6 +80,14 @@ def contrastive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> tu
     return loss, (logits.argmax(1) == target).float().mean()
 
 
+def crop_boxes(image_size: int, crops: int) -> tuple[int, list[int]]:
+    """The side of ``ShapesCLIP.crop_views``' crops and their starts along each axis: ``crops`` crops of
+    2 / (crops + 1) of the side, evenly spread from edge to edge (half a crop apart)."""
+    side = round(2 * image_size / (crops + 1))
+    return side, [round(i * (image_size - side) / (crops - 1)) if crops > 1 else (image_size - side) // 2
+                  for i in range(crops)]
+
+
 class ShapesCLIP(nn.Module):
     """open_clip CLIP + its tokenizer. Images are (b, 3, 64, 64) in [0, 1] (or PIL), captions strings."""
 
@@ -141,8 +149,7 @@ class ShapesCLIP(nn.Module):
         if crops < 1:
             raise ValueError(f"crops must be at least 1, got {crops}")
         s = self.image_size
-        side = round(2 * s / (crops + 1))
-        starts = [round(i * (s - side) / (crops - 1)) if crops > 1 else (s - side) // 2 for i in range(crops)]
+        side, starts = crop_boxes(s, crops)
         views = [x] + [F.interpolate(x[:, :, y:y + side, z:z + side], size=(s, s), mode="bilinear",
                                      align_corners=False) for y in starts for z in starts]
         return torch.stack(views, 1)

@@ -314,9 +314,9 @@ def crop_positions(pos: torch.Tensor, crops: int, image_size: int, class_token: 
     grid = int(round((pos.shape[0] - lead) ** 0.5))
     if grid * grid + lead != pos.shape[0]:
         raise ValueError(f"a position embedding of {pos.shape[0]} rows is no square grid")
-    side = round(2 * image_size / (crops + 1))
-    starts = [round(i * (image_size - side) / (crops - 1)) if crops > 1 else (image_size - side) // 2
-              for i in range(crops)]
+    from mmgen.tokenizers.clip_shapes import crop_boxes
+
+    side, starts = crop_boxes(image_size, crops)
     cell = image_size / grid                      # image pixels per patch
     centres = (torch.arange(grid) + 0.5) * side / grid  # crop patch centres, in image pixels from the crop's edge
     views = [pos]
