@@ -140,8 +140,8 @@ def cmd_image(args) -> int:
 
 def cmd_train(args) -> int:
     if args.init and args.what not in ("tokenizer", "ar", "seed-tokenizer", "seed-decoder"):
-        raise SystemExit(f"error: --init starts a tokenizer, AR, seed-tokenizer or seed-decoder run from trained weights; mmgen train "
-                         f"{args.what} does not take it (--resume continues a run)")
+        raise SystemExit(f"error: --init starts a tokenizer, AR, seed-tokenizer or seed-decoder run from trained "
+                         f"weights; mmgen train {args.what} does not take it (--resume continues a run)")
     if args.what != "ar" and args.precision != "no":
         raise SystemExit("error: --precision is for mmgen train ar")
     if args.what != "ar" and args.profile:
@@ -444,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from output/train_state")
     tr.add_argument("--init", metavar="DIR", help="(tokenizer) start from this trained tokenizer's weights, e.g. "
                     "checkpoints/text_tokenizer; (seed-decoder) from this SEED tokenizer's decoder, e.g. "
-                    "checkpoints/seed/tokenizer; (seed-tokenizer) from this SEED tokenizer's own weights, also when the recipe "
-                    "adds clip_crops; (ar) from this pipeline's model weights, e.g. a 256x256 run for "
+                    "checkpoints/seed/tokenizer; (seed-tokenizer) from this SEED tokenizer's own weights, also when "
+                    "the recipe adds clip_crops; (ar) from this pipeline's model weights, e.g. a 256x256 run for "
                     "recipes/text_ar_512_ts4.yaml (fresh optimizer and schedule; the recipe must match it, but an ar "
                     "recipe may add glyph_head or byte_index and a tokenizer recipe decoder_context, which start "
                     "fresh, and change decoder_padding)")

@@ -116,12 +116,16 @@ class ShapesCLIP(nn.Module):
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    def _pixels(self, images) -> torch.Tensor:
+    def _images(self, images) -> torch.Tensor:
+        """Images -> (b, 3, s, s) in [0, 1] on the CLIP's device; a clear error for another size."""
         x = images_to_tensor(images).to(self.device)
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"this CLIP takes {self.image_size}x{self.image_size} images, got "
                              f"{x.shape[-1]}x{x.shape[-2]}")
-        return x * 2 - 1
+        return x
+
+    def _pixels(self, images) -> torch.Tensor:
+        return self._images(images) * 2 - 1
 
     def image_features(self, images, class_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (patch token features (b, n_patches, width) after the final LayerNorm, image embedding (b, embed_dim)).
@@ -142,10 +146,7 @@ class ShapesCLIP(nn.Module):
         (b, 1 + crops^2, 3, s, s) in [0, 1]. A crop is 2 / (crops + 1) of the side, at a stride of half a crop,
         so every box up to a third of the crop's side (a shapes-world cell, for 2 or 3) lies whole in one crop;
         for 3 crops a side each is half the image, upsampled 2x. Bilinear with antialiasing off (it upsamples)."""
-        x = images_to_tensor(images).to(self.device)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"this CLIP takes {self.image_size}x{self.image_size} images, got "
-                             f"{x.shape[-1]}x{x.shape[-2]}")
+        x = self._images(images)
         if crops < 1:
             raise ValueError(f"crops must be at least 1, got {crops}")
         s = self.image_size

@@ -179,21 +179,24 @@ def train_seed_tokenizer(recipe_path: str, clip_dir: str, output: str, steps: in
     gen = torch.Generator().manual_seed(int(tr.get("seed", 0)) + 1)
     last_codes: dict = {}
 
+    def restarts_after(step: int) -> bool:
+        """Dead codes restart after this optimiser step: every ``restart_every`` in stage 2, and after its first
+        step, when every code is seeded from real latents (not for a trained codebook from ``init``)."""
+        return step > stage1 and ((step == stage1 + 1 and not init) or step % restart_every == 0)
+
     def loss_fn(model, data, step):
         x, captions, negatives, described, scenes = data
         stage = 1 if step < stage1 else 2
         if step == stage1 and not init:  # the usage window starts empty: the first restart seeds every code
             tok.quantizer.window_hits.zero_()  # (a trained codebook from ``init`` keeps its codes)
         loss, row = model(x, captions, stage, negatives, described, scenes)
-        nxt = step + 1  # on_step sees this step number
-        first = nxt == stage1 + 1 and not init
-        if stage == 2 and (first or nxt % restart_every == 0):  # latents for the dead-code restart
+        if restarts_after(step + 1):  # latents for the dead-code restart on_step runs after this step
             with torch.no_grad():
                 last_codes["z"] = tok.to_code(tok.causal_embeddings(x[:32])).detach()
         return loss, row
 
     def on_step(module, step):
-        if step > stage1 and ((step == stage1 + 1 and not init) or step % restart_every == 0) and "z" in last_codes:
+        if restarts_after(step) and "z" in last_codes:
             from einops import rearrange
 
             module.quantizer.restart_dead_codes(rearrange(last_codes["z"], "b n d -> b d 1 n"), gen)

@@ -150,7 +150,8 @@ def test_ar_run_starts_from_a_trained_model_on_a_larger_canvas(tmp_path, debug_c
 
     from mmgen.tokenizers.vq_image import VQ_IMAGE_CONFIGS, VQImageTokenizer
 
-    wider = VQImageTokenizer(replace(VQ_IMAGE_CONFIGS["debug"], codebook_size=2 * VQ_IMAGE_CONFIGS["debug"].codebook_size))
+    debug = VQ_IMAGE_CONFIGS["debug"]
+    wider = VQImageTokenizer(replace(debug, codebook_size=2 * debug.codebook_size))
     wider.save_pretrained(tmp_path / "wider_tok")
     with pytest.raises(ValueError, match="ids in"):
         train_ar(recipe("retrained2", {"shuffle_window": 2}, lr=0.0, init_over_retrained_tokenizer=True),
