@@ -1,0 +1,113 @@
+"""Two SEED builds judged scene by scene on the same tuning scenes, with the exact sign test on the scenes only
+one of them gets right (``mmgen/eval/paired.py``). Tuning scenes only, never the reported ones: captions on
+``benchmarks/tune_sampling.CAPTION_TUNING_SEED``, drawing and reconstructions on its ``TUNING_SEED``, with the
+same scenes, batches and sampler seeds as ``tune_sampling.py``, so its totals match that script's.
+
+    .venv/bin/python benchmarks/seed_paired.py --a checkpoints/seed --b runs/pack_s6 --captions 500
+    .venv/bin/python benchmarks/seed_paired.py --a checkpoints/seed --b runs/pack_s6 --draw 150 --recon 100
+
+One JSON line per task ("captions", "draw", "recon"): each build's scenes right, the discordant counts a_only
+and b_only, p_sign, and the same by object count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tune_sampling import CAPTION_TUNING_SEED, TUNING_SEED  # noqa: E402
+
+from mmgen.eval import shapes_eval, shapes_run  # noqa: E402
+from mmgen.eval.caption import caption_scenes, judge_caption  # noqa: E402
+from mmgen.eval.paired import compare  # noqa: E402
+
+
+def caption_verdicts(checkpoint: str, n: int) -> tuple[list[bool], list[int]]:
+    from mmgen.pipelines.image_to_text import ImageToTextPipeline
+
+    pipe = ImageToTextPipeline.from_pretrained(checkpoint)
+    scenes = caption_scenes(n, CAPTION_TUNING_SEED)
+    right = []
+    for i in range(0, len(scenes), 50):  # evaluate_captions' batches, so greedy ties break alike
+        chunk = scenes[i:i + 50]
+        for s, c in zip(chunk, pipe([s.image for s in chunk]).captions):
+            right.append(judge_caption(c, s.objects, s.background)["correct"])
+    return right, [len(s.objects) for s in scenes]
+
+
+def draw_verdicts(checkpoint: str, n: int, options: dict) -> tuple[list[bool], list[int]]:
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(checkpoint)
+    scenes = shapes_run.eval_scenes("canonical", n, seed=TUNING_SEED)
+    options = {"temperature": 1.0, "top_p": 1.0, "cfg_schedule": "constant", **options}
+    right = []
+    for i in range(0, len(scenes), 32):  # tune_sampling's batches and sampler seeds
+        chunk = scenes[i:i + 32]
+        images = pipe([s.caption for s in chunk], generator=torch.Generator().manual_seed(i), **options).images
+        right += [shapes_eval.judge(im, s.objects, s.background)["satisfied"] for im, s in zip(images, chunk)]
+    return right, [len(s.objects) for s in scenes]
+
+
+@torch.no_grad()
+def recon_verdicts(checkpoint: str, n: int, options: dict) -> tuple[list[bool], list[int]]:
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+
+    tok = TextToImagePipeline.from_pretrained(checkpoint).tokenizer
+    if not getattr(tok, "decode_needs_generator", False):
+        raise SystemExit(f"error: {checkpoint} has no diffusion decoder to reconstruct through")
+    scenes = shapes_run.eval_scenes("canonical", n, seed=TUNING_SEED, size=tok.config.image_size)
+    gen = torch.Generator().manual_seed(TUNING_SEED)  # evaluate_reconstruction's noise, batch 16
+    right = []
+    for i in range(0, len(scenes), 16):
+        chunk = scenes[i:i + 16]
+        images = tok.decode_images(tok.encode([s.image for s in chunk]), generator=gen, **options)
+        right += [shapes_eval.judge(im, s.objects, s.background)["satisfied"] for im, s in zip(images, chunk)]
+    return right, [len(s.objects) for s in scenes]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", required=True, help="one SEED checkpoint folder (e.g. the shipped checkpoints/seed)")
+    ap.add_argument("--b", required=True, help="the other SEED checkpoint folder")
+    ap.add_argument("--captions", type=int, default=0, metavar="N", help="caption N tuning scenes per object count")
+    ap.add_argument("--draw", type=int, default=0, metavar="N", help="draw N tuning prompts per object count")
+    ap.add_argument("--recon", type=int, default=0, metavar="N",
+                    help="reconstruct N tuning scenes per object count (tokenizer and decoder only)")
+    ap.add_argument("--draw-options", default='{"guidance_scale": 3.0}',
+                    help="JSON sampling options for --draw (default guidance 3.0, as tune_sampling was run)")
+    ap.add_argument("--recon-options", default='{"guidance_scale": 3.0, "steps": 25}',
+                    help="JSON decoder options for --recon")
+    args = ap.parse_args(argv)
+    if not (args.captions or args.draw or args.recon):
+        ap.error("give at least one of --captions N, --draw N, --recon N")
+    for name in (args.a, args.b):
+        if not Path(name).is_dir():
+            ap.error(f"no checkpoint folder {name}")
+    tasks = [("captions", args.captions, lambda c, n: caption_verdicts(c, n)),
+             ("draw", args.draw, lambda c, n: draw_verdicts(c, n, json.loads(args.draw_options))),
+             ("recon", args.recon, lambda c, n: recon_verdicts(c, n, json.loads(args.recon_options)))]
+    rows = []
+    for task, n, run in tasks:
+        if not n:
+            continue
+        t0 = time.perf_counter()
+        a, groups = run(args.a, n)
+        b, _ = run(args.b, n)
+        row = {"task": task, "a": args.a, "b": args.b, **compare(a, b, groups),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
