@@ -304,6 +304,8 @@ def cmd_pack(args) -> int:
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
     if args.pipeline is None:  # a tokenizer alone, e.g. a text tokenizer before any model is trained over it
+        if args.seed_decoder:
+            raise SystemExit("error: --seed-decoder goes with --pipeline DIR (a model over a SEED tokenizer)")
         if not args.tokenizer or args.defaults:
             raise SystemExit("error: mmgen pack needs --pipeline DIR, or --tokenizer DIR alone (no --defaults) "
                              "to pack a tokenizer by itself")
@@ -320,6 +322,14 @@ def cmd_pack(args) -> int:
             raise CheckpointError(f"{args.tokenizer} has another codebook than the pipeline's tokenizer: "
                                   "the model's ids would mean other things")
         pipe.tokenizer = new.eval()
+    if args.seed_decoder:
+        from mmgen.tokenizers.seed import SEEDTokenizer
+        from mmgen.train.seed import attach_decoder
+
+        if not isinstance(pipe.tokenizer, SEEDTokenizer):
+            raise SystemExit(f"error: --seed-decoder needs a pipeline over a SEED tokenizer, not "
+                             f"{type(pipe.tokenizer).__name__}")
+        pipe.tokenizer = attach_decoder(pipe.tokenizer, args.seed_decoder)
     if args.defaults:
         pipe.defaults = SamplingOptions.from_dict({**pipe.defaults, **given}, "--defaults").__dict__
     pipe.save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
@@ -502,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--tokenizer", help="with --pipeline: replace the tokenizer by this one with the same codebook "
                                         "(e.g. SEED with its trained diffusion decoder); alone: pack this tokenizer "
                                         "folder by itself (e.g. runs/binary_text/tokenizer)")
+    pk.add_argument("--seed-decoder", metavar="DIR",
+                    help="with --pipeline over a SEED tokenizer: take the trained diffusion decoder of this SEED "
+                         "tokenizer folder as it is (e.g. checkpoints/seed/tokenizer, for a tokenizer whose stage 2 "
+                         "ran on after its decoder was trained)")
     pk.set_defaults(func=cmd_pack)
 
     sub.add_parser("studio", help="the Gradio web studio (mmgen studio --help for its options)", add_help=False)

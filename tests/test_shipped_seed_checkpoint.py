@@ -113,3 +113,35 @@ def test_beam_search_captions_score_what_a_fresh_forward_scores(seer, monkeypatc
         seer(images, beams=0)
     with pytest.raises(ValueError, match="not both"):
         seer(images, beams=2, temperature=0.7)
+
+
+def test_pack_takes_a_seed_decoder_as_it_is(tmp_path, debug_checkpoint, capsys):
+    """`mmgen pack --seed-decoder DIR` over a tokenizer that has none: the packed tokenizer encodes as the
+    pipeline's and decodes as DIR's decoder does, noise for noise."""
+    import shutil
+
+    from mmgen.cli import main
+    from mmgen.tokenizers.seed import SEEDTokenizer
+
+    shipped = SEEDTokenizer.from_pretrained(CKPT / "tokenizer")
+    shutil.copytree(CKPT, tmp_path / "pipe", ignore=shutil.ignore_patterns("tokenizer"))
+    no_decoder = SEEDTokenizer.from_pretrained(CKPT / "tokenizer", with_decoder=False)
+    no_decoder.save_pretrained(tmp_path / "pipe" / "tokenizer")
+    assert not (tmp_path / "pipe" / "tokenizer" / "unet").exists()
+    assert main(["pack", "--pipeline", str(tmp_path / "pipe"), "--seed-decoder", str(CKPT / "tokenizer"),
+                 "--output", str(tmp_path / "out")]) == 0
+    packed = SEEDTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    images = [s.image for s in caption_scenes(1)[:2]]
+    ids = shipped.encode(images)
+    assert torch.equal(packed.encode(images), ids)
+    one = packed.decode(ids, generator=torch.Generator().manual_seed(3), steps=4)
+    two = shipped.decode(ids, generator=torch.Generator().manual_seed(3), steps=4)
+    assert torch.allclose(one, two, atol=1e-5)
+    capsys.readouterr()
+    assert main(["pack", "--pipeline", str(tmp_path / "pipe"), "--seed-decoder", str(tmp_path / "pipe" / "tokenizer"),
+                 "--output", str(tmp_path / "bad")]) == 2
+    assert "no trained diffusion decoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="SEED tokenizer"):
+        main(["pack", "--pipeline", str(debug_checkpoint), "--seed-decoder", str(CKPT / "tokenizer"),
+              "--output", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

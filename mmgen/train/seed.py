@@ -10,6 +10,8 @@ All of them write atomic training state every ``save_every`` steps and ``--resum
 """
 from __future__ import annotations
 
+import copy
+
 import logging
 import time
 from pathlib import Path
@@ -330,6 +332,39 @@ def crop_positions(pos: torch.Tensor, crops: int, image_size: int, class_token: 
             rows = (r[:, None] * grid + c[None, :]).flatten() + lead
             views.append(torch.cat([pos[:lead], pos[rows]]))
     return torch.cat(views)
+
+
+DECODER_FIELDS = ("unet_channels", "unet_heads", "latent_scale", "train_timesteps", "sample_steps", "guidance_scale",
+                  "cond_drop")
+
+
+def attach_decoder(tok, decoder_dir: str):
+    """``tok`` (a SEED tokenizer, with or without a decoder) with the trained diffusion decoder and VAE of the
+    SEED tokenizer folder ``decoder_dir``: its UNet, condition projection, null condition and decoder settings,
+    untrained further. For a tokenizer whose stage 2 ran on after its decoder was trained: the decoder reads
+    the rebuilt causal embeddings and the generation embedding, not the ids, so it can carry over; whether it
+    decodes as well over the new ids is for shapes-eval of reconstructions to say (docs/seed.md, tenth look).
+    The CLIPs and the embedding width must match."""
+    from mmgen.tokenizers.base import CheckpointError
+    from mmgen.tokenizers.seed import SEEDTokenizer
+
+    src = SEEDTokenizer.from_pretrained(decoder_dir)
+    if src.diffusion is None or src.vae is None:
+        raise CheckpointError(f"{decoder_dir} has no trained diffusion decoder to take")
+    if (src.config.width, src.config.embed_dim, src.config.num_queries) != (
+            tok.config.width, tok.config.embed_dim, tok.config.num_queries):
+        raise ValueError(f"the decoder in {decoder_dir} reads embeddings of another shape than this tokenizer's")
+    if any(not torch.equal(a, b.to(a.dtype)) for a, b in zip(tok.clip.state_dict().values(),
+                                                           src.clip.state_dict().values())):
+        raise CheckpointError(f"the CLIP in {decoder_dir} is not this tokenizer's")
+    cfg = copy.deepcopy(tok.config)
+    for k in DECODER_FIELDS:
+        setattr(cfg, k, getattr(src.config, k))
+    out = SEEDTokenizer(cfg, tok.clip, src.vae, with_decoder=True)
+    out.load_state_dict({**out.state_dict(), **{k: v for k, v in tok._own_state().items()
+                                                if not k.startswith("diffusion.")}})
+    out.diffusion.load_state_dict({k: v.float() for k, v in src.diffusion.state_dict().items()})
+    return out.eval()
 
 
 def init_decoder(tok, init_dir: str) -> None:
