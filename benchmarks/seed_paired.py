@@ -7,7 +7,8 @@ same scenes, batches and sampler seeds as ``tune_sampling.py``, so its totals ma
     .venv/bin/python benchmarks/seed_paired.py --a checkpoints/seed --b runs/pack_s6 --draw 150 --recon 100
 
 One JSON line per task ("captions", "draw", "recon"): each build's scenes right, the discordant counts a_only
-and b_only, p_sign, and the same by object count.
+and b_only, p_sign, and the same by object count; for drawing, both builds' sampling defaults when they differ
+(options not given in --draw-options come from each build's own).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from mmgen.eval import shapes_eval, shapes_run  # noqa: E402
 from mmgen.eval.caption import caption_scenes, judge_caption  # noqa: E402
 from mmgen.eval.paired import compare  # noqa: E402
 
+DEFAULTS: dict[str, dict] = {}  # each drawn build's sampling defaults
+
 
 def caption_verdicts(checkpoint: str, n: int) -> tuple[list[bool], list[int]]:
     from mmgen.pipelines.image_to_text import ImageToTextPipeline
@@ -47,6 +50,7 @@ def draw_verdicts(checkpoint: str, n: int, options: dict) -> tuple[list[bool], l
     from mmgen.pipelines.text_to_image import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(checkpoint)
+    DEFAULTS[checkpoint] = dict(pipe.defaults)  # what fills the options --draw-options leaves out
     scenes = shapes_run.eval_scenes("canonical", n, seed=TUNING_SEED)
     options = {"temperature": 1.0, "top_p": 1.0, "cfg_schedule": "constant", **options}
     right = []
@@ -104,6 +108,8 @@ def main(argv=None) -> list[dict]:
         b, _ = run(args.b, n)
         row = {"task": task, "a": args.a, "b": args.b, **compare(a, b, groups),
                "seconds": round(time.perf_counter() - t0, 1)}
+        if task == "draw" and DEFAULTS.get(args.a) != DEFAULTS.get(args.b):  # not only the weights differ
+            row["sampling_defaults"] = {"a": DEFAULTS.get(args.a), "b": DEFAULTS.get(args.b)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

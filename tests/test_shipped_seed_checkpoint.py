@@ -126,6 +126,8 @@ def test_pack_takes_a_seed_decoder_as_it_is(tmp_path, debug_checkpoint, capsys):
     shipped = SEEDTokenizer.from_pretrained(CKPT / "tokenizer")
     shutil.copytree(CKPT, tmp_path / "pipe", ignore=shutil.ignore_patterns("tokenizer"))
     no_decoder = SEEDTokenizer.from_pretrained(CKPT / "tokenizer", with_decoder=False)
+    with torch.no_grad():  # the packed tokenizer must keep the pipeline's code decoder, not take DIR's
+        no_decoder.code_decoder.pos.add_(0.5)
     no_decoder.save_pretrained(tmp_path / "pipe" / "tokenizer")
     assert not (tmp_path / "pipe" / "tokenizer" / "unet").exists()
     assert main(["pack", "--pipeline", str(tmp_path / "pipe"), "--seed-decoder", str(CKPT / "tokenizer"),
@@ -134,6 +136,11 @@ def test_pack_takes_a_seed_decoder_as_it_is(tmp_path, debug_checkpoint, capsys):
     images = [s.image for s in caption_scenes(1)[:2]]
     ids = shipped.encode(images)
     assert torch.equal(packed.encode(images), ids)
+    assert torch.equal(packed.code_decoder.pos, no_decoder.code_decoder.pos.half().float())
+    assert all(torch.equal(a, b) for a, b in zip(packed.diffusion.state_dict().values(),
+                                                 shipped.diffusion.state_dict().values()))
+    with torch.no_grad():  # with the shipped code decoder back, it decodes as the shipped folder, noise for noise
+        packed.code_decoder.pos.copy_(shipped.code_decoder.pos)
     one = packed.decode(ids, generator=torch.Generator().manual_seed(3), steps=4)
     two = shipped.decode(ids, generator=torch.Generator().manual_seed(3), steps=4)
     assert torch.allclose(one, two, atol=1e-5)

@@ -11,7 +11,6 @@ All of them write atomic training state every ``save_every`` steps and ``--resum
 from __future__ import annotations
 
 import copy
-
 import logging
 import time
 from pathlib import Path
@@ -354,16 +353,19 @@ def attach_decoder(tok, decoder_dir: str):
     if (src.config.width, src.config.embed_dim, src.config.num_queries) != (
             tok.config.width, tok.config.embed_dim, tok.config.num_queries):
         raise ValueError(f"the decoder in {decoder_dir} reads embeddings of another shape than this tokenizer's")
-    if any(not torch.equal(a, b.to(a.dtype)) for a, b in zip(tok.clip.state_dict().values(),
-                                                           src.clip.state_dict().values())):
-        raise CheckpointError(f"the CLIP in {decoder_dir} is not this tokenizer's")
+    mine, theirs = tok.clip.state_dict(), src.clip.state_dict()
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k].half(), theirs[k].half()) for k in mine):
+        raise CheckpointError(f"the CLIP in {decoder_dir} is not this tokenizer's")  # (either may be stored fp16)
     cfg = copy.deepcopy(tok.config)
     for k in DECODER_FIELDS:
         setattr(cfg, k, getattr(src.config, k))
     out = SEEDTokenizer(cfg, tok.clip, src.vae, with_decoder=True)
     out.load_state_dict({**out.state_dict(), **{k: v for k, v in tok._own_state().items()
                                                 if not k.startswith("diffusion.")}})
-    out.diffusion.load_state_dict({k: v.float() for k, v in src.diffusion.state_dict().items()})
+    try:
+        out.diffusion.load_state_dict({k: v.float() for k, v in src.diffusion.state_dict().items()})
+    except RuntimeError as e:
+        raise CheckpointError(f"the decoder in {decoder_dir} does not fit its own config: {e}") from e
     return out.eval()
 
 
