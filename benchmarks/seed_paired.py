@@ -30,8 +30,6 @@ from mmgen.eval import shapes_eval, shapes_run  # noqa: E402
 from mmgen.eval.caption import caption_scenes, judge_caption  # noqa: E402
 from mmgen.eval.paired import compare  # noqa: E402
 
-DEFAULTS: dict[str, dict] = {}  # each drawn build's sampling defaults
-
 
 def caption_verdicts(checkpoint: str, n: int) -> tuple[list[bool], list[int]]:
     from mmgen.pipelines.image_to_text import ImageToTextPipeline
@@ -46,11 +44,11 @@ def caption_verdicts(checkpoint: str, n: int) -> tuple[list[bool], list[int]]:
     return right, [len(s.objects) for s in scenes]
 
 
-def draw_verdicts(checkpoint: str, n: int, options: dict) -> tuple[list[bool], list[int]]:
+def draw_verdicts(checkpoint: str, n: int, options: dict) -> tuple[list[bool], list[int], dict]:
+    """-> verdicts, object counts, and the build's sampling defaults (they fill what ``options`` leaves out)."""
     from mmgen.pipelines.text_to_image import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(checkpoint)
-    DEFAULTS[checkpoint] = dict(pipe.defaults)  # what fills the options --draw-options leaves out
     scenes = shapes_run.eval_scenes("canonical", n, seed=TUNING_SEED)
     options = {"temperature": 1.0, "top_p": 1.0, "cfg_schedule": "constant", **options}
     right = []
@@ -58,7 +56,7 @@ def draw_verdicts(checkpoint: str, n: int, options: dict) -> tuple[list[bool], l
         chunk = scenes[i:i + 32]
         images = pipe([s.caption for s in chunk], generator=torch.Generator().manual_seed(i), **options).images
         right += [shapes_eval.judge(im, s.objects, s.background)["satisfied"] for im, s in zip(images, chunk)]
-    return right, [len(s.objects) for s in scenes]
+    return right, [len(s.objects) for s in scenes], dict(pipe.defaults)
 
 
 @torch.no_grad()
@@ -104,12 +102,12 @@ def main(argv=None) -> list[dict]:
         if not n:
             continue
         t0 = time.perf_counter()
-        a, groups = run(args.a, n)
-        b, _ = run(args.b, n)
+        a, groups, *a_defaults = run(args.a, n)
+        b, _, *b_defaults = run(args.b, n)
         row = {"task": task, "a": args.a, "b": args.b, **compare(a, b, groups),
                "seconds": round(time.perf_counter() - t0, 1)}
-        if task == "draw" and DEFAULTS.get(args.a) != DEFAULTS.get(args.b):  # not only the weights differ
-            row["sampling_defaults"] = {"a": DEFAULTS.get(args.a), "b": DEFAULTS.get(args.b)}
+        if a_defaults != b_defaults:  # drawing: not only the weights differ
+            row["sampling_defaults"] = {"a": a_defaults[0], "b": b_defaults[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -362,25 +362,27 @@ def attach_decoder(tok, decoder_dir: str):
     out = SEEDTokenizer(cfg, tok.clip, src.vae, with_decoder=True)
     out.load_state_dict({**out.state_dict(), **{k: v for k, v in tok._own_state().items()
                                                 if not k.startswith("diffusion.")}})
-    try:
-        out.diffusion.load_state_dict({k: v.float() for k, v in src.diffusion.state_dict().items()})
-    except RuntimeError as e:
-        raise CheckpointError(f"the decoder in {decoder_dir} does not fit its own config: {e}") from e
+    _copy_decoder(out, src, decoder_dir)
     return out.eval()
 
 
 def init_decoder(tok, init_dir: str) -> None:
     """Copy a trained SEED decoder (UNet, condition projection, null condition) into ``tok``'s decoder, which
     must have the same shape (any difference is an error naming the weights)."""
-    from mmgen.tokenizers.base import CheckpointError
     from mmgen.tokenizers.seed import SEEDTokenizer
 
-    src = SEEDTokenizer.from_pretrained(init_dir)
+    _copy_decoder(tok, SEEDTokenizer.from_pretrained(init_dir), init_dir)
+    log.info("decoder started from %s", init_dir)
+
+
+def _copy_decoder(tok, src, where: str) -> None:
+    """``src``'s trained diffusion decoder (loaded from ``where``) into ``tok``'s, which must have its shape."""
+    from mmgen.tokenizers.base import CheckpointError
+
     if src.diffusion is None:
-        raise CheckpointError(f"{init_dir} has no trained diffusion decoder to start from")
+        raise CheckpointError(f"{where} has no trained diffusion decoder to take")
     mine, theirs = tok.diffusion.state_dict(), src.diffusion.state_dict()
     differ = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k].shape != theirs[k].shape]
     if differ:
-        raise ValueError(f"the decoder in {init_dir} is not the recipe's: it differs in {differ[:5]}")
+        raise ValueError(f"the decoder in {where} is not this tokenizer's: it differs in {differ[:5]}")
     tok.diffusion.load_state_dict({k: v.float() for k, v in theirs.items()})
-    log.info("decoder started from %s", init_dir)
