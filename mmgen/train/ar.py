@@ -285,7 +285,8 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
     batch = int(tr.get("batch_size", 16))
     cache = int(tr.get("cache_images", 0))
     if cache and cache < batch:
-        raise ValueError(f"training.cache_images ({cache}) must be 0 (fresh images every step) or >= batch_size ({batch})")
+        raise ValueError(f"training.cache_images ({cache}) must be 0 (fresh images every step) "
+                         f"or >= batch_size ({batch})")
     held = [tuple(c) for c in tr.get("exclude_combos", shapes.HELD_OUT_COMBOS)]
     data_seed = seed if cache else seed + step  # a cache is the same pages after --resume; else fresh ones
     batches = (folder_batches(data, batch, data_seed, tokenizer.config.image_size, acc.process_index,
@@ -347,7 +348,7 @@ def train_ar(recipe_path: str, tokenizer_dir: str, output: str, steps: int | Non
             dev_codes = codes.to(acc.device, non_blocking=True)
             ids = torch.cat([start.to(acc.device, non_blocking=True), vocab.to_unified("image", dev_codes, check=False),
                              torch.full((len(captions), 1), eoi, device=acc.device)], 1)
-            cond = text(captions)
+            cond = text(captions, too_long="drop")  # a rare paraphrase over the prefix trains unconditioned
         n_start = start.shape[1]
         lr_now = cosine_lr(step, steps, lr, warmup,
                            progress=time_progress(acc, t_start, max_minutes) if time_schedule else None)

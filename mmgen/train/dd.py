@@ -57,7 +57,7 @@ def make_pairs(pipe: TextToImagePipeline, folder: Path, count: int, seed: int = 
             continue
         samples = list(shapes.generate(SHARD, seed=seed * 100_003 + i, paraphrase=True,
                                        exclude_combos=shapes.HELD_OUT_COMBOS))
-        prompts = [s.caption for s in samples]
+        prompts = teacher_prompts(samples, pipe.text_encoder)
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + i * SHARD + j) for j in range(SHARD)]
         noise = noise_like(SHARD, n_tok, dim, gens)
         tokens = []
@@ -75,6 +75,14 @@ def make_pairs(pipe: TextToImagePipeline, folder: Path, count: int, seed: int = 
         bar.update(1)
     bar.close()
     return shards * SHARD
+
+
+def teacher_prompts(samples, encoder) -> list[str]:
+    """The samples' (paraphrased) captions, each one the encoder cannot take whole (a rare training paraphrase
+    over its ``max_tokens`` word pieces) replaced by the same scene's canonical caption: the teacher is asked for
+    what the scene shows, and no caption is cut."""
+    lengths = encoder.lengths([s.caption for s in samples])
+    return [s.caption if n <= encoder.max_tokens else s.canonical_caption for s, n in zip(samples, lengths)]
 
 
 def teacher_signature(pipe: TextToImagePipeline) -> dict:
