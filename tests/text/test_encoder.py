@@ -54,3 +54,11 @@ def test_the_teacher_gets_the_canonical_caption_of_an_over_long_paraphrase(text_
     assert prompts[0] == SHORT
     assert prompts[1] == shapes.canonical_caption(objects, "black")
     assert text_encoder.lengths(prompts[1:])[0] <= text_encoder.max_tokens
+
+
+def test_the_worlds_evaluation_paraphrases_fit_the_prefix(text_encoder):
+    """Generation refuses prompts over the limit, so the held-out wording that evaluation uses must fit it."""
+    import itertools
+
+    captions = [s.caption for s in itertools.islice(shapes.generate(None, seed=5, size=16, held_out=True), 3000)]
+    assert max(text_encoder.lengths(captions)) <= text_encoder.max_tokens
