@@ -79,8 +79,9 @@ class SentenceEncoder(torch.nn.Module):
                                  f"{self.max_tokens} ({prompts[worst][:60]!r}...)")
             log.warning("%d of %d caption(s) over %d word pieces (longest %d: %r...) train unconditioned",
                         int(over.sum()), len(prompts), self.max_tokens, int(lengths[worst]), prompts[worst][:60])
-            enc = self.tokenizer(prompts, padding="longest", truncation=True, max_length=self.max_tokens,
-                                 return_tensors="pt")
+            # the over-long rows are masked out below, so cutting every row at the limit loses nothing: the
+            # others end there in padding
+            enc = {k: v[:, :self.max_tokens] for k, v in enc.items()}
         n = enc["input_ids"].shape[1]
         dev = next(self.model.parameters()).device
         ids, attention = (enc[k].to(dev, non_blocking=True) for k in ("input_ids", "attention_mask"))

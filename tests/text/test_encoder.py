@@ -1,5 +1,7 @@
 """The sentence encoder's word-piece limit: generation refuses an over-long prompt, training reads it as no
 condition, and the distillation teacher is asked for the scene's canonical caption instead."""
+import itertools
+
 import pytest
 import torch
 
@@ -58,7 +60,5 @@ def test_the_teacher_gets_the_canonical_caption_of_an_over_long_paraphrase(text_
 
 def test_the_worlds_evaluation_paraphrases_fit_the_prefix(text_encoder):
     """Generation refuses prompts over the limit, so the held-out wording that evaluation uses must fit it."""
-    import itertools
-
     captions = [s.caption for s in itertools.islice(shapes.generate(None, seed=5, size=16, held_out=True), 3000)]
     assert max(text_encoder.lengths(captions)) <= text_encoder.max_tokens
