@@ -36,7 +36,8 @@ AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_ima
                 "seed_p4_ar_shipped_ids_more.yaml": "seed_p4_stage2_more.yaml",
                 "seed_p4_ar_s6_ids_more.yaml": "seed_p4_stage2_longer.yaml",
                 "seed_p4_ar_stage2_longer2_ids.yaml": "seed_p4_stage2_longer2.yaml",
-                "seed_p4_ar_stage2_longer2_ids_more.yaml": "seed_p4_stage2_longer2.yaml"}
+                "seed_p4_ar_stage2_longer2_ids_more.yaml": "seed_p4_stage2_longer2.yaml",
+                "seed_p4_ar_s9_ids_more.yaml": "seed_p4_stage2_longer2.yaml"}
 
 
 def test_every_ar_recipe_names_its_tokenizer():
