@@ -280,7 +280,10 @@ def init_seed_tokenizer(tok, init_dir: str) -> None:
     diffusion decoder) into ``tok``, which must be the same apart from more CLIP views (``clip_crops``). Each
     crop's Q-Former position embedding starts as the trained one at the image position its patch covers,
     each block's crop cross-attention as a copy of its trained cross-attention, its gate at 0: the tokenizer
-    starts out giving the trained one's ids. The CLIPs must match."""
+    starts out giving the trained one's ids. A larger codebook (``codebook_size``, the same ``code_dim``) keeps
+    the trained codes as its first entries; each new one starts as a trained code plus a little noise, its
+    usage at 0, so it splits a trained code's cell (dead-code restarts move the ones no latent picks). The CLIPs
+    must match."""
     from mmgen.tokenizers.base import CheckpointError
     from mmgen.tokenizers.seed import SEEDTokenizer
 
@@ -291,6 +294,7 @@ def init_seed_tokenizer(tok, init_dir: str) -> None:
     if src.config.clip_crops or src.config.clip_class_token != tok.config.clip_class_token:
         raise ValueError(f"{init_dir} must read the image alone, with the recipe's clip_class_token")
     mine, theirs = tok._own_state(), {k: v.float() for k, v in src._own_state().items()}
+    theirs.update(grown_codebook(theirs, mine))
     crop_part = (".crop_attn.", ".ln_crop.", ".crop_gate")
     new = {k for k in mine if any(p in k for p in crop_part)}
     differ = sorted((set(mine) - new) ^ set(theirs)) or [k for k in theirs if mine[k].shape != theirs[k].shape
@@ -306,6 +310,27 @@ def init_seed_tokenizer(tok, init_dir: str) -> None:
             theirs[k] = theirs[k.replace(".crop_attn.", ".cross_attn.").replace(".ln_crop.", ".ln2.")]
     tok.load_state_dict({**tok.state_dict(), **theirs})
     log.info("SEED tokenizer started from %s", init_dir)
+
+
+def grown_codebook(theirs: dict, mine: dict) -> dict:
+    """The trained quantizer's tensors grown to ``mine``'s codebook size (``init_seed_tokenizer``); {} when the
+    sizes match. Refuses a smaller codebook or another code width: the trained ids would not survive them."""
+    key, usage = "quantizer.embedding.weight", "quantizer.usage"
+    if key not in theirs or key not in mine:
+        return {}  # not a SEED quantizer: the caller's key check names what differs
+    old, new = theirs[key], mine[key]
+    if old.shape == new.shape:
+        return {}
+    if old.shape[1] != new.shape[1] or new.shape[0] < old.shape[0]:
+        raise ValueError(f"a codebook of {tuple(old.shape)} can grow to more codes of the same width, "
+                         f"not to {tuple(new.shape)}")
+    g = torch.Generator().manual_seed(0)
+    extra = new.shape[0] - old.shape[0]
+    pick = torch.randint(0, old.shape[0], (extra,), generator=g)
+    unit = torch.nn.functional.normalize(old[pick], dim=-1)
+    grown = torch.cat([old, unit + 0.05 * torch.randn(extra, old.shape[1], generator=g)])
+    log.info("codebook grown from %d to %d codes", old.shape[0], new.shape[0])
+    return {key: grown, usage: torch.cat([theirs[usage], torch.zeros(extra)])}
 
 
 def crop_positions(pos: torch.Tensor, crops: int, image_size: int, class_token: bool) -> torch.Tensor:

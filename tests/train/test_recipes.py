@@ -168,3 +168,30 @@ def test_seed_crops_recipe_starts_as_the_shipped_tokenizer():
     else:  # the shipped tokenizer is this recipe's result: the recipe describes its shapes exactly
         tok.load_state_dict({**tok.state_dict(), **{k: v.float() for k, v in ref._own_state().items()}})
         assert set(tok._own_state()) == set(ref._own_state())
+
+
+def test_seed_codebook_grows_from_the_shipped_tokenizer():
+    """tokenizers/seed_p4_stage2_codes4096.yaml started from the shipped tokenizer (--init): the trained codes stay
+    the first 1,024 of 4,096, so an image whose nearest code is still a trained one gets the shipped id, and the
+    rest pick a new code that splits a trained one's cell. A smaller codebook or another width is refused."""
+    from mmgen.tokenizers.seed import SEEDTokenizer
+    from mmgen.train.seed import build_seed, grown_codebook, init_seed_tokenizer
+    from mmgen.worlds import shapes
+
+    shipped = ROOT / "checkpoints" / "seed" / "tokenizer"
+    ref = SEEDTokenizer.from_pretrained(shipped, with_decoder=False)
+    if ref.config.codebook_size != 1024:
+        pytest.skip("the shipped tokenizer is not the 1,024-code one this recipe grows")
+    recipe = yaml.safe_load((ROOT / "tokenizers" / "seed_p4_stage2_codes4096.yaml").read_text())
+    tok = build_seed(recipe, str(shipped / "clip")).eval()
+    init_seed_tokenizer(tok, str(shipped))
+    assert tok.quantizer.embedding.weight.shape == (4096, 32)
+    assert torch.equal(tok.quantizer.embedding.weight[:1024], ref.quantizer.embedding.weight.float())
+    images = [s.image for s in shapes.generate(8, seed=11)]
+    ids, ref_ids = tok.encode(images), ref.encode(images)
+    old = ids < 1024
+    assert torch.equal(ids[old], ref_ids[old]) and old.any() and (~old).any()
+    theirs = {"quantizer.embedding.weight": torch.zeros(8, 4), "quantizer.usage": torch.ones(8)}
+    for shape in [(4, 4), (16, 8)]:
+        with pytest.raises(ValueError, match="codebook"):
+            grown_codebook(theirs, {"quantizer.embedding.weight": torch.zeros(shape)})
