@@ -102,7 +102,7 @@ class Studio:
                 size = pipe.tokenizer.config.image_size
                 if image.size != (size, size):
                     raise ValueError(f"this checkpoint reads {size}x{size} images, got {image.size[0]}x{image.size[1]}")
-                return ImageToTextPipeline(pipe.tokenizer, pipe.model, pipe.tasks)([image.convert("RGB")]).captions[0]
+                return ImageToTextPipeline.from_text_to_image(pipe)([image.convert("RGB")]).captions[0]
         except (CheckpointError, ValueError, OSError) as e:
             raise gr.Error(str(e)) from None
         except Exception as e:

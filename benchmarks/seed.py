@@ -62,7 +62,7 @@ def main() -> None:
               f"recon {recon['score']:.3f} t2i {t2i['score']:.3f} {t2i['by_objects']} "
               f"{rows[name]['seconds_per_image']:.3f} s/image", flush=True)
     seed_pipe = pipes["seed"]
-    captions = evaluate_captions(ImageToTextPipeline(seed_pipe.tokenizer, seed_pipe.model, seed_pipe.tasks), n=n)
+    captions = evaluate_captions(ImageToTextPipeline.from_text_to_image(seed_pipe), n=n)
     print("captioning:", json.dumps({k: v for k, v in captions.items() if k != "examples"}))
     for ex in captions["examples"]:
         print(f"  truth:   {ex['truth']}\n  caption: {ex['caption']}  ({'right' if ex['correct'] else 'wrong'})")

@@ -5,10 +5,13 @@ same scenes, batches and sampler seeds as ``tune_sampling.py``, so its totals ma
 
     .venv/bin/python benchmarks/seed_paired.py --a checkpoints/seed --b runs/pack_s6 --captions 500
     .venv/bin/python benchmarks/seed_paired.py --a checkpoints/seed --b runs/pack_s6 --draw 150 --recon 100
+    # one build, two ways of captioning: greedy against its caption_defaults (beam search + reranking)
+    .venv/bin/python benchmarks/seed_paired.py --a checkpoints/seed --b checkpoints/seed --captions 500 \
+        --a-caption-options '{"beams": 1}'
 
 One JSON line per task ("captions", "draw", "recon"): each build's scenes right, the discordant counts a_only
-and b_only, p_sign, and the same by object count; for drawing, both builds' sampling defaults when they differ
-(options not given in --draw-options come from each build's own).
+and b_only, p_sign, and the same by object count; "options": both sides' sampling (drawing) or caption options
+when they differ (options not given in --draw-options or --X-caption-options come from each build's own).
 """
 from __future__ import annotations
 
@@ -31,17 +34,22 @@ from mmgen.eval.caption import caption_scenes, judge_caption  # noqa: E402
 from mmgen.eval.paired import compare  # noqa: E402
 
 
-def caption_verdicts(checkpoint: str, n: int) -> tuple[list[bool], list[int]]:
+def caption_verdicts(checkpoint: str, n: int, options: dict | None = None) -> tuple[list[bool], list[int], dict]:
+    """-> verdicts, object counts, and the caption options used (``options`` over the build's
+    caption_defaults: beams, rerank)."""
     from mmgen.pipelines.image_to_text import ImageToTextPipeline
 
     pipe = ImageToTextPipeline.from_pretrained(checkpoint)
+    options = {**pipe.defaults, **(options or {})}
+    if options.get("beams", 1) == 1:
+        options["rerank"] = 0.0
     scenes = caption_scenes(n, CAPTION_TUNING_SEED)
     right = []
     for i in range(0, len(scenes), 50):  # evaluate_captions' batches, so greedy ties break alike
         chunk = scenes[i:i + 50]
-        for s, c in zip(chunk, pipe([s.image for s in chunk]).captions):
+        for s, c in zip(chunk, pipe([s.image for s in chunk], **options).captions):
             right.append(judge_caption(c, s.objects, s.background)["correct"])
-    return right, [len(s.objects) for s in scenes]
+    return right, [len(s.objects) for s in scenes], options
 
 
 def draw_verdicts(checkpoint: str, n: int, options: dict) -> tuple[list[bool], list[int], dict]:
@@ -88,26 +96,30 @@ def main(argv=None) -> list[dict]:
                     help="JSON sampling options for --draw (default guidance 3.0, as tune_sampling was run)")
     ap.add_argument("--recon-options", default='{"guidance_scale": 3.0, "steps": 25}',
                     help="JSON decoder options for --recon")
+    ap.add_argument("--a-caption-options", default="{}",
+                    help='JSON caption options for --a over its caption_defaults, e.g. \'{"beams": 1}\' (greedy)')
+    ap.add_argument("--b-caption-options", default="{}", help="the same for --b")
     args = ap.parse_args(argv)
     if not (args.captions or args.draw or args.recon):
         ap.error("give at least one of --captions N, --draw N, --recon N")
     for name in (args.a, args.b):
         if not Path(name).is_dir():
             ap.error(f"no checkpoint folder {name}")
-    tasks = [("captions", args.captions, lambda c, n: caption_verdicts(c, n)),
-             ("draw", args.draw, lambda c, n: draw_verdicts(c, n, json.loads(args.draw_options))),
-             ("recon", args.recon, lambda c, n: recon_verdicts(c, n, json.loads(args.recon_options)))]
+    caption_options = {"a": json.loads(args.a_caption_options), "b": json.loads(args.b_caption_options)}
+    tasks = [("captions", args.captions, lambda c, n, side: caption_verdicts(c, n, caption_options[side])),
+             ("draw", args.draw, lambda c, n, side: draw_verdicts(c, n, json.loads(args.draw_options))),
+             ("recon", args.recon, lambda c, n, side: recon_verdicts(c, n, json.loads(args.recon_options)))]
     rows = []
     for task, n, run in tasks:
         if not n:
             continue
         t0 = time.perf_counter()
-        a, groups, *a_defaults = run(args.a, n)
-        b, _, *b_defaults = run(args.b, n)
+        a, groups, *a_defaults = run(args.a, n, "a")
+        b, _, *b_defaults = run(args.b, n, "b")
         row = {"task": task, "a": args.a, "b": args.b, **compare(a, b, groups),
                "seconds": round(time.perf_counter() - t0, 1)}
-        if a_defaults != b_defaults:  # drawing: not only the weights differ
-            row["sampling_defaults"] = {"a": a_defaults[0], "b": b_defaults[0]}
+        if a_defaults != b_defaults:  # not only the weights differ: the sampling or caption options too
+            row["options"] = {"a": a_defaults[0], "b": b_defaults[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

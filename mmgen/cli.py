@@ -274,7 +274,7 @@ def cmd_eval(args) -> int:
         from mmgen.eval.caption import evaluate_captions
         from mmgen.pipelines.image_to_text import ImageToTextPipeline
 
-        report["captions"] = evaluate_captions(ImageToTextPipeline(pipe.tokenizer, pipe.model, pipe.tasks),
+        report["captions"] = evaluate_captions(ImageToTextPipeline.from_text_to_image(pipe),
                                                n=args.n, progress=not args.quiet)
     extra = ("sampler", "steps", "zipvl_tau", "kv_bits")
     report["sampling"] = {**pipe.options(**{k: v for k, v in sampling.items() if k not in extra}).__dict__,
@@ -366,7 +366,7 @@ def cmd_caption(args) -> int:
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(images), args.batch_size):
         out = pipe(images[start:start + args.batch_size], temperature=args.temperature, generator=gen,
-                   beams=args.beams)
+                   beams=args.beams, rerank=args.rerank)
         for name, caption in zip(args.images[start:start + args.batch_size], out.captions):
             caption = "".join(c if c.isprintable() else "\ufffd" for c in caption)  # one line per image
             print(f"{name}\t{caption}" if args.with_names else caption)
@@ -471,8 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "docs/seed.md builds one)")
     cp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0 samples")
     cp.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
-    cp.add_argument("--beams", type=int, default=1,
-                    help="1 (default): greedy; N > 1: the most likely caption by beam search over N hypotheses")
+    cp.add_argument("--beams", type=int, default=None,
+                    help="1: greedy; N > 1: beam search over N captions (default: the checkpoint's "
+                         "caption_defaults; checkpoints/seed: 8)")
+    cp.add_argument("--rerank", type=float, default=None,
+                    help="0: the most likely of the beam's captions; W > 0: the one maximising "
+                         "log p(caption | image) + W log p(image | caption), the second read by the same model "
+                         "drawing (noisy-channel reranking; default: the checkpoint's; checkpoints/seed: 1)")
     cp.add_argument("--batch-size", type=int, default=32, help="images per forward batch (default 32)")
     cp.add_argument("--resize", action="store_true", help="scale images of another size to the checkpoint's")
     cp.add_argument("--with-names", action="store_true", help="print FILE<TAB>caption")

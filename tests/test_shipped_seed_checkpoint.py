@@ -12,6 +12,7 @@ import torch
 from mmgen.eval.caption import caption_scenes, evaluate_captions, judge_caption
 from mmgen.pipelines.image_to_text import ImageToTextPipeline
 from mmgen.pipelines.text_to_image import TextToImagePipeline
+from mmgen.tokenizers.base import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "seed"
@@ -84,12 +85,12 @@ def test_beam_search_captions_score_what_a_fresh_forward_scores(seer, monkeypatc
     from mmgen.sampling.ar import beam_search_text
 
     images = [s.image for s in caption_scenes(1, seed=123)]
-    greedy = seer(images).captions
-    assert seer(images, beams=1).captions == greedy
+    greedy = seer(images, beams=1).captions
+    assert seer(images, temperature=0).captions == greedy
     model, vocab = seer.model, seer.model.vocab
     start = seer.start_ids(images)
     texts, scores, record = beam_search_text(model, start, 200, beams=4)
-    assert texts == seer(images, beams=4).captions and record.sampler == "ar-text-beam4"
+    assert texts == seer(images, beams=4, rerank=0).captions and record.sampler == "ar-text-beam4"
     lo, hi = vocab.range("byte")
     eot = vocab.special("<eot>")
     d = model.config.hidden_size
@@ -107,12 +108,55 @@ def test_beam_search_captions_score_what_a_fresh_forward_scores(seer, monkeypatc
         assert total == pytest.approx(score.item(), abs=1e-3), text
     import mmgen.pipelines.image_to_text as itt
     monkeypatch.setattr(itt, "BEAM_ROWS", 8)  # 2 images of 4 beams per cache: the same captions in chunks
-    chunked = seer(images, beams=4)
+    chunked = seer(images, beams=4, rerank=0)
     assert chunked.captions == texts and chunked.record["batch"] == len(images)
     with pytest.raises(ValueError, match="beams"):
         seer(images, beams=0)
     with pytest.raises(ValueError, match="not both"):
         seer(images, beams=2, temperature=0.7)
+
+
+def test_rerank_picks_the_beam_caption_that_best_explains_the_image(seer):
+    """Noisy-channel reranking: the caption chosen is the beam hypothesis maximising log p(c | x) + w log p(x | c),
+    where log p(x | c) (``draw_log_probs``) equals what the KV-cached drawing path scores token by token after
+    the caption's prefix; w = 0 is plain beam search, a huge w the drawing direction alone; a caption the
+    encoder cannot read ranks last; bad settings are refused."""
+    from mmgen.sampling.ar import beam_search_text
+
+    images = [s.image for s in caption_scenes(1, seed=321)]
+    model, vocab = seer.model, seer.model.vocab
+    start = seer.start_ids(images)
+    ids = start[:, 1:-2]
+    hyps, see, _ = beam_search_text(model, start, 200, beams=4, n_best=True)
+    assert [h[0] for h in hyps] == seer(images, beams=4, rerank=0).captions
+    assert (see[:, :-1] >= see[:, 1:]).all()  # best first
+    draw = seer.draw_log_probs([c for h in hyps for c in h], ids.repeat_interleave(4, 0)).view(-1, 4)
+    lo, _ = vocab.range("image")
+    for i in (0, 2):  # the drawing direction through the KV cache, token by token
+        cond = seer.text_encoder([hyps[i][1]])
+        prefix = model.prefix(cond.states, cond.mask)
+        cache = model.new_cache(1, prefix.shape[1] + 1 + ids.shape[1])
+        logits = model.prefill(prefix, torch.tensor([[vocab.special("<boi>")]]), cache)
+        total = 0.0
+        for tok in ids[i].tolist():
+            total += torch.log_softmax(logits[0, lo:lo + seer.tokenizer.vocab_size].float(), -1)[tok - lo].item()
+            logits = model.decode_step(torch.tensor([tok]), cache)
+        assert total == pytest.approx(draw[i, 1].item(), abs=2e-3)
+    for w in (0.5, 1.0, 100.0):
+        want = [h[j] for h, j in zip(hyps, (see + w * draw).argmax(-1).tolist())]
+        assert seer(images, beams=4, rerank=w).captions == want
+    assert seer.draw_log_probs(["", "   ", "a red circle " * 30], ids[:1].expand(3, -1)).eq(float("-inf")).all()
+    assert seer.rerank([["", hyps[0][0]]], torch.tensor([[0.0, -5.0]]), ids[:1], 1.0) == [hyps[0][0]]
+    for bad, match in ((dict(beams=1, rerank=1.0), "beams of 2"), (dict(beams=4, rerank=-1.0), "rerank"),
+                       (dict(beams=4, rerank=float("nan")), "rerank"), (dict(beams=4, temperature=0.5), "not both")):
+        with pytest.raises(ValueError, match=match):
+            seer(images[:1], **bad)
+    with pytest.raises(CheckpointError, match="caption_defaults"):
+        ImageToTextPipeline(seer.tokenizer, model, defaults={"beams": 4, "rerank": "high"})
+    with pytest.raises(CheckpointError, match="unknown caption_defaults"):
+        ImageToTextPipeline(seer.tokenizer, model, defaults={"beam": 4})
+    with pytest.raises(CheckpointError, match="drawing direction"):
+        ImageToTextPipeline(seer.tokenizer, model, tasks=["see"], defaults={"beams": 4, "rerank": 1.0})
 
 
 def test_pack_takes_a_seed_decoder_as_it_is(tmp_path, debug_checkpoint, capsys):

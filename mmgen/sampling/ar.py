@@ -267,15 +267,17 @@ def check_beams(beams) -> None:
 
 
 @torch.no_grad()
-def beam_search_text(model, start_ids: torch.Tensor, max_bytes: int, beams: int = 4
-                     ) -> tuple[list[str], torch.Tensor, SamplingRecord]:
+def beam_search_text(model, start_ids: torch.Tensor, max_bytes: int, beams: int = 4, n_best: bool = False
+                     ) -> tuple[list, torch.Tensor, SamplingRecord]:
     """The most likely UTF-8 text after ``start_ids`` (b, s) by beam search over byte tokens: ``beams``
     hypotheses per row, ranked by the summed log-probability of their bytes and ``<eot>`` (a caption's
     probability, no length penalty). Greedy byte decoding commits to a first byte by the mass of every word
     that starts with it ("s" for "square" and "star" together), which can outweigh the single most likely
     word; the beam keeps the alternatives until the word is written. ``beams=1`` is greedy decoding exactly.
     Stops when every row's ``beams`` best hypotheses have ended (no open one can still overtake them: log
-    probabilities only fall) or after ``max_bytes``. Returns (texts, their log-probabilities (b,), record)."""
+    probabilities only fall) or after ``max_bytes``. Returns (texts, their log-probabilities (b,), record);
+    ``n_best=True``: every row's ``beams`` final hypotheses, best first, (list of b lists, log-probabilities
+    (b, beams), record), for reranking."""
     check_beams(beams)
     vocab = model.vocab
     lo, hi = vocab.range("byte")
@@ -315,12 +317,17 @@ def beam_search_text(model, start_ids: torch.Tensor, max_bytes: int, beams: int 
         cache.values[:, :, :, :n] = cache.values[:, src, :, :n]
         logits = model.decode_step(tok, cache)
     best = scores.argmax(-1)
-    texts = []
-    for row in out[(base[:, 0] + best).cpu()].tolist():
+
+    def text(row: list[int]) -> str:
         row = row[:row.index(eot)] if eot in row else row
-        texts.append(bytes(t - lo for t in row).decode("utf-8", errors="replace"))
+        return bytes(t - lo for t in row).decode("utf-8", errors="replace")
+
+    texts = [text(row) for row in out[(base[:, 0] + best).cpu()].tolist()]
     seconds = time.perf_counter() - t0
     written = sum(len(t.encode("utf-8", errors="replace")) for t in texts)
     record = SamplingRecord(f"ar-text-beam{k}", b, written // max(b, 1), steps, seconds,
                             written / max(seconds, 1e-9), cache.nbytes, 1.0, None)
+    if n_best:  # topk leaves each row's hypotheses sorted, best first
+        rows = out.view(b, k, -1).tolist()
+        return [[text(r) for r in hyps] for hyps in rows], scores, record
     return texts, scores.gather(1, best[:, None])[:, 0], record

@@ -63,3 +63,26 @@ def test_overfit_captions_come_back_exactly():
         pipe(torch.zeros(0, 3, 64, 64))
     with pytest.raises(CheckpointError, match="not trained to write captions"):
         ImageToTextPipeline(tok, model, tasks=["draw"])
+
+
+def test_caption_defaults_survive_packing_and_reach_captioning(tmp_path, text_encoder):
+    """A checkpoint's caption_defaults (beams, rerank) are kept by save_pretrained, read by both ways of making
+    the captioning pipeline, and used when a call gives none; a call's own options win."""
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+
+    torch.manual_seed(0)
+    tok = debug_seed(with_decoder=False)
+    model = make_debug_model(tok.vocab_size).eval()
+    pipe = TextToImagePipeline(tok, model, text_encoder, tasks=["draw", "see"],
+                               caption_defaults={"beams": 3, "rerank": 0.5})
+    pipe.save_pretrained(tmp_path / "ckpt", dtype=None)
+    loaded = ImageToTextPipeline.from_pretrained(tmp_path / "ckpt")
+    shared = ImageToTextPipeline.from_text_to_image(TextToImagePipeline.from_pretrained(tmp_path / "ckpt",
+                                                                                        text_encoder))
+    assert loaded.defaults == shared.defaults == {"beams": 3, "rerank": 0.5}
+    x, _ = next(world_batches(2, seed=5))
+    out = shared(x, max_bytes=6)
+    assert out.record["sampler"] == "ar-text-beam3-rerank0.5"
+    assert shared(x, beams=1, max_bytes=6).record["sampler"] == "ar-text"
+    assert shared(x, rerank=0, max_bytes=6).record["sampler"] == "ar-text-beam3"
+    assert ImageToTextPipeline(tok, model).defaults == {"beams": 1, "rerank": 0.0}  # none: greedy
