@@ -7,7 +7,8 @@ drawn with seed 950001 (the reported ones use mmgen/eval/text_run.TEXT_EVAL_SEED
 ``--decoder`` (a SEED checkpoint) it tunes the diffusion decoder instead: shapes-eval of reconstructions
 (tokens -> decoder) of the tuning scenes for a grid of guidance scales and sampler steps. With
 ``--captions`` (a checkpoint that sees) it tunes captioning: accuracy on scenes drawn with seed 920001 (the
-reported ones use mmgen/eval/caption.CAPTION_EVAL_SEED, 910001) for greedy decoding and beam searches.
+reported ones use mmgen/eval/caption.CAPTION_EVAL_SEED, 910001) for greedy decoding and beam searches, plain
+and reranked by the drawing direction (``rerank``); each row has its seconds, all in one run.
 
     .venv/bin/python benchmarks/tune_sampling.py --checkpoint runs/shapes_ar_ts2/pipeline --n 16
     .venv/bin/python benchmarks/tune_sampling.py --world text --checkpoint runs/text_ar_ts4/pipeline --n 4

@@ -366,7 +366,7 @@ def cmd_caption(args) -> int:
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     for start in range(0, len(images), args.batch_size):
         out = pipe(images[start:start + args.batch_size], temperature=args.temperature, generator=gen,
-                   beams=args.beams, rerank=args.rerank)
+                   beams=args.beams, rerank=args.rerank, mirror=args.mirror)
         for name, caption in zip(args.images[start:start + args.batch_size], out.captions):
             caption = "".join(c if c.isprintable() else "\ufffd" for c in caption)  # one line per image
             print(f"{name}\t{caption}" if args.with_names else caption)
@@ -478,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="0: the most likely of the beam's captions; W > 0: the one maximising "
                          "log p(caption | image) + W log p(image | caption), the second read by the same model "
                          "drawing (noisy-channel reranking; default: the checkpoint's; checkpoints/seed: 1)")
+    cp.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                    help="also caption the left-right mirrored image and score every candidate in both views "
+                         "(shapes world; default: the checkpoint's; checkpoints/seed: on)")
     cp.add_argument("--batch-size", type=int, default=32, help="images per forward batch (default 32)")
     cp.add_argument("--resize", action="store_true", help="scale images of another size to the checkpoint's")
     cp.add_argument("--with-names", action="store_true", help="print FILE<TAB>caption")

@@ -51,6 +51,10 @@ def test_caption_cli_prints_one_line_per_image(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert all(judge_caption(c, s.objects, s.background)["parsed"] for c, s in zip(lines, scenes))
+    assert main(["caption", paths[0], "--beams", "1"]) == 0  # greedy, the checkpoint's defaults overridden
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["caption", paths[0], "--beams", "1", "--rerank", "1"]) != 0
+    assert "beams of 2 or more" in capsys.readouterr().err
 
 
 def test_draws_deterministic_64px_images(text_encoder):
@@ -82,15 +86,17 @@ def test_beam_search_captions_score_what_a_fresh_forward_scores(seer, monkeypatc
     """beams=1 is greedy decoding exactly; with 4 beams each caption's log-probability (bytes and <eot>, over
     the allowed ids) equals the one recomputed from scratch, prefix by prefix, so the reordered KV cache
     holds each hypothesis' own keys; bad settings are refused."""
-    from mmgen.sampling.ar import beam_search_text
+    from mmgen.pipelines.image_to_text import DEFAULT_MAX_BYTES
+    from mmgen.sampling.ar import SamplingOptions, beam_search_text, sample_text
 
     images = [s.image for s in caption_scenes(1, seed=123)]
     greedy = seer(images, beams=1).captions
-    assert seer(images, temperature=0).captions == greedy
+    assert sample_text(seer.model, seer.start_ids(images), DEFAULT_MAX_BYTES, SamplingOptions(), None,
+                       greedy=True)[0] == greedy
     model, vocab = seer.model, seer.model.vocab
     start = seer.start_ids(images)
     texts, scores, record = beam_search_text(model, start, 200, beams=4)
-    assert texts == seer(images, beams=4, rerank=0).captions and record.sampler == "ar-text-beam4"
+    assert texts == seer(images, beams=4, rerank=0, mirror=False).captions and record.sampler == "ar-text-beam4"
     lo, hi = vocab.range("byte")
     eot = vocab.special("<eot>")
     d = model.config.hidden_size
@@ -108,7 +114,7 @@ def test_beam_search_captions_score_what_a_fresh_forward_scores(seer, monkeypatc
         assert total == pytest.approx(score.item(), abs=1e-3), text
     import mmgen.pipelines.image_to_text as itt
     monkeypatch.setattr(itt, "BEAM_ROWS", 8)  # 2 images of 4 beams per cache: the same captions in chunks
-    chunked = seer(images, beams=4, rerank=0)
+    chunked = seer(images, beams=4, rerank=0, mirror=False)
     assert chunked.captions == texts and chunked.record["batch"] == len(images)
     with pytest.raises(ValueError, match="beams"):
         seer(images, beams=0)
@@ -128,7 +134,7 @@ def test_rerank_picks_the_beam_caption_that_best_explains_the_image(seer):
     start = seer.start_ids(images)
     ids = start[:, 1:-2]
     hyps, see, _ = beam_search_text(model, start, 200, beams=4, n_best=True)
-    assert [h[0] for h in hyps] == seer(images, beams=4, rerank=0).captions
+    assert [h[0] for h in hyps] == seer(images, beams=4, rerank=0, mirror=False).captions
     assert (see[:, :-1] >= see[:, 1:]).all()  # best first
     draw = seer.draw_log_probs([c for h in hyps for c in h], ids.repeat_interleave(4, 0)).view(-1, 4)
     lo, _ = vocab.range("image")
@@ -144,7 +150,7 @@ def test_rerank_picks_the_beam_caption_that_best_explains_the_image(seer):
         assert total == pytest.approx(draw[i, 1].item(), abs=2e-3)
     for w in (0.5, 1.0, 100.0):
         want = [h[j] for h, j in zip(hyps, (see + w * draw).argmax(-1).tolist())]
-        assert seer(images, beams=4, rerank=w).captions == want
+        assert seer(images, beams=4, rerank=w, mirror=False).captions == want
     assert seer.draw_log_probs(["", "   ", "a red circle " * 30], ids[:1].expand(3, -1)).eq(float("-inf")).all()
     assert seer.rerank([["", hyps[0][0]]], torch.tensor([[0.0, -5.0]]), ids[:1], 1.0) == [hyps[0][0]]
     for bad, match in ((dict(beams=1, rerank=1.0), "beams of 2"), (dict(beams=4, rerank=-1.0), "rerank"),
@@ -157,6 +163,38 @@ def test_rerank_picks_the_beam_caption_that_best_explains_the_image(seer):
         ImageToTextPipeline(seer.tokenizer, model, defaults={"beam": 4})
     with pytest.raises(CheckpointError, match="drawing direction"):
         ImageToTextPipeline(seer.tokenizer, model, tasks=["see"], defaults={"beams": 4, "rerank": 1.0})
+
+
+def test_mirror_augmented_captions_are_mirror_equivariant(seer):
+    """Mirror test-time augmentation scores each candidate in both views, so captioning the mirrored image gives
+    the mirror of the caption of the image; the teacher-forced caption scores it sums are the beam's own
+    log-probabilities; it needs beams and the shapes world."""
+    from PIL import ImageOps
+
+    from mmgen.sampling.ar import beam_search_text
+    from mmgen.worlds import shapes
+
+    scenes = caption_scenes(2, seed=77)
+    images = [s.image for s in scenes]
+    out = seer(images, beams=4, rerank=1.0, mirror=True)
+    assert out.record["sampler"] == "ar-text-beam4-rerank1-mirror"
+    flipped = seer([ImageOps.mirror(im) for im in images], beams=4, rerank=1.0, mirror=True).captions
+    assert flipped == [shapes.mirror_caption(c) for c in out.captions]
+    start = seer.start_ids(images)
+    hyps, see, _ = beam_search_text(seer.model, start, 200, beams=4, n_best=True)
+    again = seer.see_log_probs([h for row in hyps for h in row], start.repeat_interleave(4, 0)).view(-1, 4)
+    assert torch.allclose(again, see, atol=2e-3)
+    assert seer.see_log_probs([None], start[:1]).item() == float("-inf")
+    with pytest.raises(ValueError, match="beams of 2"):
+        seer(images[:1], beams=1, mirror=True)
+    with pytest.raises(ValueError, match="not both"):
+        seer(images[:1], temperature=0.5, mirror=True)
+    seer.world = None  # a checkpoint of another world
+    try:
+        with pytest.raises(ValueError, match="mirror-symmetric"):
+            seer(images[:1], beams=2, mirror=True)
+    finally:
+        seer.world = "shapes"
 
 
 def test_pack_takes_a_seed_decoder_as_it_is(tmp_path, debug_checkpoint, capsys):

@@ -53,15 +53,16 @@ def judge_caption(caption: str, objects: Sequence[shapes.ShapeObject], backgroun
 
 @torch.no_grad()
 def evaluate_captions(pipe, n: int = 50, seed: int = CAPTION_EVAL_SEED, batch: int = 50,
-                      progress: bool = False, beams: int | None = None, rerank: float | None = None) -> dict:
-    """Caption n scenes per object count with ``pipe`` (an ImageToTextPipeline; ``beams`` and ``rerank`` as
+                      progress: bool = False, beams: int | None = None, rerank: float | None = None,
+                      mirror: bool | None = None) -> dict:
+    """Caption n scenes per object count with ``pipe`` (an ImageToTextPipeline; ``beams``, ``rerank``, ``mirror`` as
     its call takes them, None: the checkpoint's defaults); accuracy overall, by count, per attribute, and a
     few examples."""
     samples = caption_scenes(n, seed)
     rows, examples = [], []
     for start in tqdm(range(0, len(samples), batch), disable=not progress, desc="caption"):
         chunk = samples[start:start + batch]
-        captions = pipe([s.image for s in chunk], beams=beams, rerank=rerank).captions
+        captions = pipe([s.image for s in chunk], beams=beams, rerank=rerank, mirror=mirror).captions
         for s, c in zip(chunk, captions):
             j = judge_caption(c, s.objects, s.background)
             rows.append((len(s.objects), j))

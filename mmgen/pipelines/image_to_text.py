@@ -10,6 +10,11 @@ direction as the channel): beam search proposes ``beams`` captions c for the ima
 by log p(c | x) + rerank * log p(x | c), where p(x | c) is the same model reading x teacher-forced after the
 caption's sentence-encoder prefix, as it does when it draws. The seeing direction alone favours captions that
 are likely a priori; the drawing direction asks which caption best explains these particular ids.
+
+Mirror test-time augmentation (``mirror``; a world whose scenes are symmetric under a left-right mirror, with a
+caption map, ``MIRROR_WORLDS``): the mirrored image is tokenized and captioned too, its beams mapped back, and
+each candidate caption is scored in both views (the mirrored caption against the mirrored image's ids), so
+two different sets of ids, one per view, vote on every caption.
 """
 from __future__ import annotations
 
@@ -31,6 +36,17 @@ MAX_IMAGES_PER_CALL = 256
 DEFAULT_MAX_BYTES = 240
 BEAM_ROWS = 512  # beam search: images x beams per KV cache (about 2.5 MB a row for the shipped SEED model)
 MAX_RERANK = 100.0
+TEACHER_FORCED_ROWS = 256  # captions scored per forward pass (reranking)
+
+
+def _shapes_captions():
+    from mmgen.worlds import shapes
+
+    return shapes.reading_caption, shapes.mirror_caption
+
+
+# world -> (caption -> the form the model writes, caption -> the mirrored scene's caption); None: not a caption
+MIRROR_WORLDS = {"shapes": _shapes_captions}
 
 
 def check_caption_options(beams, rerank) -> None:
@@ -49,7 +65,7 @@ class CaptionOutput:
 
 class ImageToTextPipeline:
     def __init__(self, tokenizer, model: MMGenTransformer, tasks=("draw", "see"), defaults: dict | None = None,
-                 text_encoder: SentenceEncoder | None = None):
+                 text_encoder: SentenceEncoder | None = None, world: str | None = None):
         start, stop = model.vocab.range("image")
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's image range has {stop - start} ids, "
@@ -65,12 +81,15 @@ class ImageToTextPipeline:
         self.tokenizer, self.model = tokenizer.eval(), model.eval()
         self.tasks = list(tasks)
         defaults = dict(defaults or {})
-        unknown = set(defaults) - {"beams", "rerank"}
+        unknown = set(defaults) - {"beams", "rerank", "mirror"}
         if unknown:
-            raise CheckpointError(f"unknown caption_defaults {sorted(unknown)} (known: beams, rerank)")
-        self.defaults = {"beams": defaults.get("beams", 1), "rerank": defaults.get("rerank", 0.0)}
+            raise CheckpointError(f"unknown caption_defaults {sorted(unknown)} (known: beams, rerank, mirror)")
+        self.world = world
+        self.defaults = {"beams": defaults.get("beams", 1), "rerank": defaults.get("rerank", 0.0),
+                         "mirror": defaults.get("mirror", False)}
         try:
             check_caption_options(self.defaults["beams"], self.defaults["rerank"])
+            self.check_mirror(self.defaults["mirror"], self.defaults["beams"])
         except ValueError as err:
             raise CheckpointError(f"the checkpoint's caption_defaults: {err}") from None
         if self.defaults["rerank"] > 0 and "draw" not in self.tasks:
@@ -82,7 +101,7 @@ class ImageToTextPipeline:
     def from_text_to_image(cls, pipe) -> "ImageToTextPipeline":
         """The captioning pipeline of a loaded TextToImagePipeline: the same weights, text encoder and
         ``caption_defaults``."""
-        return cls(pipe.tokenizer, pipe.model, pipe.tasks, pipe.caption_defaults, pipe.text_encoder)
+        return cls(pipe.tokenizer, pipe.model, pipe.tasks, pipe.caption_defaults, pipe.text_encoder, pipe.world)
 
     @property
     def text_encoder(self) -> SentenceEncoder:
@@ -99,7 +118,16 @@ class ImageToTextPipeline:
                 raise CheckpointError(f"{directory}/model_index.json names no {part!r}")
         return cls(load_tokenizer(directory / index["tokenizer"]),
                    MMGenTransformer.from_pretrained(directory / index["model"]), index.get("tasks", ["draw"]),
-                   index.get("caption_defaults"))
+                   index.get("caption_defaults"), world=index.get("world"))
+
+    def check_mirror(self, mirror, beams: int) -> None:
+        if not isinstance(mirror, bool):
+            raise ValueError(f"mirror must be true or false, got {mirror!r}")
+        if mirror and self.world not in MIRROR_WORLDS:
+            raise ValueError(f"mirror test-time augmentation needs a world whose scenes are mirror-symmetric "
+                             f"({sorted(MIRROR_WORLDS)}); this checkpoint's world is {self.world!r}")
+        if mirror and beams < 2:
+            raise ValueError("mirroring chooses among beam-search captions of both views: give beams of 2 or more")
 
     @torch.no_grad()
     def start_ids(self, images) -> torch.Tensor:
@@ -113,21 +141,23 @@ class ImageToTextPipeline:
     @torch.no_grad()
     def __call__(self, images, temperature: float | None = None, top_k: int | None = None,
                  generator: torch.Generator | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                 beams: int | None = None, rerank: float | None = None) -> CaptionOutput:
+                 beams: int | None = None, rerank: float | None = None, mirror: bool | None = None) -> CaptionOutput:
         """One caption per image. ``beams`` > 1: beam search over that many captions
         (``sampling.ar.beam_search_text``), the most likely one, or with ``rerank`` > 0 the best by
         log p(c | x) + rerank * log p(x | c) (module docstring); 1: greedy. None takes the checkpoint's
-        ``caption_defaults`` (greedy when it has none). ``temperature`` > 0 samples instead (seed it with
-        ``generator``), with no beams."""
+        ``caption_defaults`` (greedy when it has none). ``mirror``: score the candidates in the mirrored view
+        too (module docstring). ``temperature`` > 0 samples instead (seed it with ``generator``), with no beams."""
         greedy = temperature is None or temperature == 0
         if not greedy:
-            if beams not in (None, 1) or rerank not in (None, 0):
-                raise ValueError("beam search and reranking choose the best caption; they do not sample: give "
-                                 "beams (and rerank) or a temperature, not both")
-            beams, rerank = 1, 0.0
+            if beams not in (None, 1) or rerank not in (None, 0) or mirror:
+                raise ValueError("beam search, reranking and mirroring choose the best caption; they do not "
+                                 "sample: give beams (rerank, mirror) or a temperature, not both")
+            beams, rerank, mirror = 1, 0.0, False
         beams = self.defaults["beams"] if beams is None else beams
         rerank = (self.defaults["rerank"] if beams > 1 else 0.0) if rerank is None else rerank
+        mirror = (self.defaults["mirror"] and beams > 1) if mirror is None else mirror
         check_caption_options(beams, rerank)
+        self.check_mirror(mirror, beams)
         if rerank > 0 and "draw" not in self.tasks:
             raise ValueError("reranking reads the image back through the drawing direction, which this model "
                              "was not trained on (no 'draw' task)")
@@ -151,7 +181,12 @@ class ImageToTextPipeline:
             captions, records = [], []
             step = max(1, BEAM_ROWS // beams)
             for i in range(0, b, step):
-                if rerank > 0:
+                if mirror:
+                    hyps, _, rec = beam_search_text(self.model, start[i:i + step], max_bytes, beams, n_best=True)
+                    flipped = self.start_ids(torch.flip(x[i:i + step], dims=[-1]))
+                    hyps_m, _, _ = beam_search_text(self.model, flipped, max_bytes, beams, n_best=True)
+                    captions += self.choose_mirrored(hyps, hyps_m, start[i:i + step], flipped, rerank)
+                elif rerank > 0:
                     hyps, see, rec = beam_search_text(self.model, start[i:i + step], max_bytes, beams, n_best=True)
                     captions += self.rerank(hyps, see, start[i:i + step, 1:-2], rerank)
                 else:
@@ -161,6 +196,8 @@ class ImageToTextPipeline:
             record = records[0]
             if rerank > 0:
                 record.sampler = f"{record.sampler}-rerank{rerank:g}"
+            if mirror:
+                record.sampler = f"{record.sampler}-mirror"
             record.batch, record.seconds = b, time.perf_counter() - t0  # reranking included
             written = sum(len(c.encode("utf-8", errors="replace")) for c in captions)
             record.tokens, record.tokens_per_s = written // b, written / max(record.seconds, 1e-9)
@@ -182,14 +219,14 @@ class ImageToTextPipeline:
             readable = [r and next(it) <= model.config.max_cond_tokens for r in readable]
         out = torch.full((len(captions),), float("-inf"))
         keep = [i for i, r in enumerate(readable) if r]
-        if not keep:
-            return out
-        cond = self.text_encoder([captions[i] for i in keep])
-        prefix = model.prefix(cond.states, cond.mask)
-        x = image_ids[keep]
-        boi = torch.full((len(keep), 1), vocab.special("<boi>"), dtype=torch.long, device=x.device)
-        logp = torch.log_softmax(model.image_logits(prefix, boi, x)[..., lo:hi].float(), -1)
-        out[keep] = logp.gather(-1, (x - lo)[..., None])[..., 0].sum(-1).cpu()
+        for a in range(0, len(keep), TEACHER_FORCED_ROWS):
+            rows = keep[a:a + TEACHER_FORCED_ROWS]
+            cond = self.text_encoder([captions[i] for i in rows])
+            prefix = model.prefix(cond.states, cond.mask)
+            x = image_ids[rows]
+            boi = torch.full((len(rows), 1), vocab.special("<boi>"), dtype=torch.long, device=x.device)
+            logp = torch.log_softmax(model.image_logits(prefix, boi, x)[..., lo:hi].float(), -1)
+            out[rows] = logp.gather(-1, (x - lo)[..., None])[..., 0].sum(-1).cpu()
         return out
 
     def rerank(self, hyps: list[list[str]], see: torch.Tensor, image_ids: torch.Tensor, weight: float) -> list[str]:
@@ -202,3 +239,62 @@ class ImageToTextPipeline:
         score = torch.where(torch.isfinite(score), score, see.float().cpu() - 1e9)  # unreadable ones last
         best = score.argmax(-1).tolist()
         return [row[j] for row, j in zip(hyps, best)]
+
+    @torch.no_grad()
+    def see_log_probs(self, captions: list[str | None], start_ids: torch.Tensor) -> torch.Tensor:
+        """log p(caption | image) teacher-forced, over bytes and ``<eot>`` as captioning writes them: captions
+        (n,) (None: -inf) after rows ``start_ids`` (n, s) -> (n,)."""
+        vocab, model = self.model.vocab, self.model
+        lo, hi = vocab.range("byte")
+        eot, pad = vocab.special("<eot>"), vocab.special("<pad>")
+        out = torch.full((len(captions),), float("-inf"))
+        keep = [i for i, c in enumerate(captions) if c is not None]
+        for a in range(0, len(keep), TEACHER_FORCED_ROWS):
+            rows = keep[a:a + TEACHER_FORCED_ROWS]
+            follow = [[lo + b for b in captions[i].encode("utf-8")] + [eot] for i in rows]
+            n = max(map(len, follow))
+            target = torch.full((len(rows), n), -1, dtype=torch.long)
+            for r, f in enumerate(follow):
+                target[r, :len(f)] = torch.tensor(f)
+            # right-padded, so padding never reaches an earlier position through causal attention
+            seq = torch.cat([start_ids[rows], target[:, :-1].clamp(min=0).masked_fill(target[:, :-1] < 0, pad)], 1)
+            logits = model(torch.zeros(len(rows), 0, model.config.hidden_size, device=seq.device), seq)
+            logits = logits[:, start_ids.shape[1] - 1:].float()
+            allowed = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
+            allowed[lo:hi] = 0.0
+            allowed[eot] = 0.0
+            logp = torch.log_softmax(logits + allowed, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+            out[rows] = logp.masked_fill(target < 0, 0.0).sum(-1).cpu()
+        return out
+
+    def choose_mirrored(self, hyps: list[list[str]], hyps_m: list[list[str]], start: torch.Tensor,
+                        start_m: torch.Tensor, weight: float) -> list[str]:
+        """Mirror test-time augmentation: each image's beam captions and its mirror's (mapped back), in the form
+        the model writes, each scored log p(c | x) + weight log p(x | c) in the original view plus the same for
+        the mirrored caption in the mirrored view; the best total wins. Captions that do not parse cannot be
+        mirrored: they compete only if no candidate parses (then the original view's most likely beam)."""
+        reading, mirrored = MIRROR_WORLDS[self.world]()
+        cands = []
+        for own, other in zip(hyps, hyps_m):
+            row = list(dict.fromkeys([c for c in map(reading, own) if c is not None]
+                                     + [c for c in map(mirrored, other) if c is not None]))
+            cands.append(row)
+        flat = [(j, c) for j, row in enumerate(cands) for c in row]
+        if not flat:
+            return [h[0] for h in hyps]
+        idx = torch.tensor([j for j, _ in flat])
+        texts = [c for _, c in flat]
+        texts_m = [mirrored(c) for c in texts]
+        score = self.see_log_probs(texts, start[idx]) + self.see_log_probs(texts_m, start_m[idx])
+        if weight > 0:
+            score += weight * (self.draw_log_probs(texts, start[idx, 1:-2])
+                               + self.draw_log_probs([c or "" for c in texts_m], start_m[idx, 1:-2]))
+        out, k = [], 0
+        for j, row in enumerate(cands):
+            if not row:
+                out.append(hyps[j][0])
+                continue
+            s = score[k:k + len(row)]
+            out.append(row[int(s.argmax())] if torch.isfinite(s).any() else hyps[j][0])
+            k += len(row)
+        return out

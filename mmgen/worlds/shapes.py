@@ -118,6 +118,33 @@ def canonical_caption(objects: Sequence[ShapeObject], background: str) -> str:
     return f"{body} on a {background} background"
 
 
+def reading_caption(caption: str) -> str | None:
+    """A caption in the world's grammar -> the canonical caption with its objects in reading (cell) order, what
+    a model trained to see writes; None when it does not parse (``shapes_eval.parse_prompt``)."""
+    from mmgen.eval.shapes_eval import parse_prompt  # the parser lives with the judge; imported late (no cycle)
+
+    try:
+        objects, background = parse_prompt(caption)
+    except ValueError:
+        return None
+    return canonical_caption(sorted(objects, key=lambda o: o.cell), background)
+
+
+def mirror_caption(caption: str) -> str | None:
+    """The reading-order caption of the scene mirrored left to right: every shape of the world is symmetric
+    about its vertical axis, so mirroring moves each object to the other column and changes nothing else.
+    None when the caption does not parse."""
+    from mmgen.eval.shapes_eval import parse_prompt
+
+    try:
+        objects, background = parse_prompt(caption)
+    except ValueError:
+        return None
+    for o in objects:
+        o.cell = 3 * (o.cell // 3) + 2 - o.cell % 3
+    return canonical_caption(sorted(objects, key=lambda o: o.cell), background)
+
+
 def paraphrase_caption(objects: Sequence[ShapeObject], background: str, rng: random.Random,
                        held_out: bool = False) -> str:
     """A caption with the same meaning in other words; held-out wording never appears in training."""

@@ -79,10 +79,12 @@ def test_caption_defaults_survive_packing_and_reach_captioning(tmp_path, text_en
     loaded = ImageToTextPipeline.from_pretrained(tmp_path / "ckpt")
     shared = ImageToTextPipeline.from_text_to_image(TextToImagePipeline.from_pretrained(tmp_path / "ckpt",
                                                                                         text_encoder))
-    assert loaded.defaults == shared.defaults == {"beams": 3, "rerank": 0.5}
+    assert loaded.defaults == shared.defaults == {"beams": 3, "rerank": 0.5, "mirror": False}
     x, _ = next(world_batches(2, seed=5))
     out = shared(x, max_bytes=6)
     assert out.record["sampler"] == "ar-text-beam3-rerank0.5"
     assert shared(x, beams=1, max_bytes=6).record["sampler"] == "ar-text"
     assert shared(x, rerank=0, max_bytes=6).record["sampler"] == "ar-text-beam3"
-    assert ImageToTextPipeline(tok, model).defaults == {"beams": 1, "rerank": 0.0}  # none: greedy
+    assert ImageToTextPipeline(tok, model).defaults == {"beams": 1, "rerank": 0.0, "mirror": False}  # greedy
+    with pytest.raises(ValueError, match="mirror-symmetric"):  # this debug checkpoint names no world
+        shared(x, mirror=True)
