@@ -50,9 +50,11 @@ GRID = (
 )
 DECODER_GRID = tuple(dict(guidance_scale=g, steps=25) for g in (2.0, 3.0, 5.0, 7.5)) + (
     dict(guidance_scale=5.0, steps=50),)
-# greedy, beam search, and beam search reranked by the drawing direction (ImageToTextPipeline's rerank)
-CAPTION_GRID = (dict(beams=1), dict(beams=8, rerank=0.0)) + tuple(dict(beams=8, rerank=w) for w in (0.5, 1.0, 2.0)) + (
-    dict(beams=16, rerank=1.0),)
+# greedy, beam search, beam search reranked by the drawing direction (ImageToTextPipeline's rerank), and with
+# mirror test-time augmentation (mirror); each option the checkpoint's caption_defaults would otherwise fill is given
+CAPTION_GRID = (dict(beams=1),) + tuple(dict(beams=8, rerank=w, mirror=False) for w in (0.0, 0.5, 1.0, 2.0)) + (
+    dict(beams=16, rerank=1.0, mirror=False), dict(beams=8, rerank=0.0, mirror=True),
+    dict(beams=8, rerank=1.0, mirror=True))
 
 
 def main(argv=None) -> list[dict]:
