@@ -40,9 +40,7 @@ def caption_verdicts(checkpoint: str, n: int, options: dict | None = None) -> tu
     from mmgen.pipelines.image_to_text import ImageToTextPipeline
 
     pipe = ImageToTextPipeline.from_pretrained(checkpoint)
-    options = {**pipe.defaults, **(options or {})}
-    if options.get("beams", 1) == 1:
-        options["rerank"] = 0.0
+    options = pipe.caption_options(**(options or {}))  # the given ones over the build's caption_defaults
     scenes = caption_scenes(n, CAPTION_TUNING_SEED)
     right = []
     for i in range(0, len(scenes), 50):  # evaluate_captions' batches, so greedy ties break alike

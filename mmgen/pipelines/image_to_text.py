@@ -31,6 +31,7 @@ from mmgen.sampling.ar import SamplingOptions, beam_search_text, check_beams, sa
 from mmgen.text.encoder import SentenceEncoder
 from mmgen.tokenizers.base import CheckpointError
 from mmgen.tokenizers.vq_image import images_to_tensor
+from mmgen.worlds import shapes
 
 MAX_IMAGES_PER_CALL = 256
 DEFAULT_MAX_BYTES = 240
@@ -38,15 +39,8 @@ BEAM_ROWS = 512  # beam search: images x beams per KV cache (about 2.5 MB a row 
 MAX_RERANK = 100.0
 TEACHER_FORCED_ROWS = 256  # captions scored per forward pass (reranking)
 
-
-def _shapes_captions():
-    from mmgen.worlds import shapes
-
-    return shapes.reading_caption, shapes.mirror_caption
-
-
 # world -> (caption -> the form the model writes, caption -> the mirrored scene's caption); None: not a caption
-MIRROR_WORLDS = {"shapes": _shapes_captions}
+MIRROR_WORLDS = {"shapes": (shapes.reading_caption, shapes.mirror_caption)}
 
 
 def check_caption_options(beams, rerank) -> None:
@@ -138,17 +132,11 @@ class ImageToTextPipeline:
         special = torch.tensor([vocab.special("<eoi>"), vocab.special("<bot>")])
         return torch.cat([torch.full((b, 1), vocab.special("<boi>")), ids, special.expand(b, -1)], 1)
 
-    @torch.no_grad()
-    def __call__(self, images, temperature: float | None = None, top_k: int | None = None,
-                 generator: torch.Generator | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                 beams: int | None = None, rerank: float | None = None, mirror: bool | None = None) -> CaptionOutput:
-        """One caption per image. ``beams`` > 1: beam search over that many captions
-        (``sampling.ar.beam_search_text``), the most likely one, or with ``rerank`` > 0 the best by
-        log p(c | x) + rerank * log p(x | c) (module docstring); 1: greedy. None takes the checkpoint's
-        ``caption_defaults`` (greedy when it has none). ``mirror``: score the candidates in the mirrored view
-        too (module docstring). ``temperature`` > 0 samples instead (seed it with ``generator``), with no beams."""
-        greedy = temperature is None or temperature == 0
-        if not greedy:
+    def caption_options(self, beams: int | None = None, rerank: float | None = None, mirror: bool | None = None,
+                        sampling: bool = False) -> dict:
+        """The beams, rerank and mirror a call uses: the given ones over the checkpoint's ``caption_defaults``
+        (with one beam, or when ``sampling``, no reranking or mirror unless asked for, which is refused)."""
+        if sampling:
             if beams not in (None, 1) or rerank not in (None, 0) or mirror:
                 raise ValueError("beam search, reranking and mirroring choose the best caption; they do not "
                                  "sample: give beams (rerank, mirror) or a temperature, not both")
@@ -161,6 +149,20 @@ class ImageToTextPipeline:
         if rerank > 0 and "draw" not in self.tasks:
             raise ValueError("reranking reads the image back through the drawing direction, which this model "
                              "was not trained on (no 'draw' task)")
+        return {"beams": beams, "rerank": rerank, "mirror": mirror}
+
+    @torch.no_grad()
+    def __call__(self, images, temperature: float | None = None, top_k: int | None = None,
+                 generator: torch.Generator | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 beams: int | None = None, rerank: float | None = None, mirror: bool | None = None) -> CaptionOutput:
+        """One caption per image. ``beams`` > 1: beam search over that many captions
+        (``sampling.ar.beam_search_text``), the most likely one, or with ``rerank`` > 0 the best by
+        log p(c | x) + rerank * log p(x | c) (module docstring); 1: greedy. None takes the checkpoint's
+        ``caption_defaults`` (greedy when it has none). ``mirror``: score the candidates in the mirrored view
+        too (module docstring). ``temperature`` > 0 samples instead (seed it with ``generator``), with no beams."""
+        greedy = temperature is None or temperature == 0
+        options = self.caption_options(beams, rerank, mirror, sampling=not greedy)
+        beams, rerank, mirror = options["beams"], options["rerank"], options["mirror"]
         x = images_to_tensor(images)
         if x.shape[0] == 0:
             raise ValueError("give at least one image")
@@ -257,7 +259,7 @@ class ImageToTextPipeline:
             for r, f in enumerate(follow):
                 target[r, :len(f)] = torch.tensor(f)
             # right-padded, so padding never reaches an earlier position through causal attention
-            seq = torch.cat([start_ids[rows], target[:, :-1].clamp(min=0).masked_fill(target[:, :-1] < 0, pad)], 1)
+            seq = torch.cat([start_ids[rows], target[:, :-1].masked_fill(target[:, :-1] < 0, pad)], 1)
             logits = model(torch.zeros(len(rows), 0, model.config.hidden_size, device=seq.device), seq)
             logits = logits[:, start_ids.shape[1] - 1:].float()
             allowed = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
@@ -273,7 +275,7 @@ class ImageToTextPipeline:
         the model writes, each scored log p(c | x) + weight log p(x | c) in the original view plus the same for
         the mirrored caption in the mirrored view; the best total wins. Captions that do not parse cannot be
         mirrored: they compete only if no candidate parses (then the original view's most likely beam)."""
-        reading, mirrored = MIRROR_WORLDS[self.world]()
+        reading, mirrored = MIRROR_WORLDS[self.world]
         cands = []
         for own, other in zip(hyps, hyps_m):
             row = list(dict.fromkeys([c for c in map(reading, own) if c is not None]

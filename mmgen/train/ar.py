@@ -119,11 +119,6 @@ def init_model_from(model: MMGenTransformer, directory: str, tokenizer=None, ret
                          f"unexpected {unexpected})")
 
 
-def reading_order_caption(objects, background: str) -> str:
-    """The canonical caption with objects in cell (reading) order: what the "see" direction writes."""
-    return shapes.canonical_caption(sorted(objects, key=lambda o: o.cell), background)
-
-
 def caption_batches(batch_size: int, seed: int, size: int, rank: int, exclude_combos):
     """Endless (images (b, 3, H, W) in [0, 1], reading-order canonical captions) from the shapes world."""
     import itertools
@@ -135,7 +130,7 @@ def caption_batches(batch_size: int, seed: int, size: int, rank: int, exclude_co
         chunk = list(itertools.islice(stream, batch_size))
         arr = np.stack([np.asarray(s.image) for s in chunk])
         yield (torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0,
-               [reading_order_caption(s.objects, s.background) for s in chunk])
+               [shapes.reading_order_caption(s.objects, s.background) for s in chunk])
 
 
 def caption_sequences(image_ids: torch.Tensor, captions: list[str], vocab) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,31 +118,38 @@ def canonical_caption(objects: Sequence[ShapeObject], background: str) -> str:
     return f"{body} on a {background} background"
 
 
-def reading_caption(caption: str) -> str | None:
-    """A caption in the world's grammar -> the canonical caption with its objects in reading (cell) order, what
-    a model trained to see writes; None when it does not parse (``shapes_eval.parse_prompt``)."""
+def reading_order_caption(objects: Sequence[ShapeObject], background: str) -> str:
+    """The canonical caption with objects in cell (reading) order: what a model trained to see writes."""
+    return canonical_caption(sorted(objects, key=lambda o: o.cell), background)
+
+
+def _parsed(caption: str) -> tuple[list[ShapeObject], str] | None:
     from mmgen.eval.shapes_eval import parse_prompt  # the parser lives with the judge; imported late (no cycle)
 
     try:
-        objects, background = parse_prompt(caption)
+        return parse_prompt(caption)
     except ValueError:
         return None
-    return canonical_caption(sorted(objects, key=lambda o: o.cell), background)
+
+
+def reading_caption(caption: str) -> str | None:
+    """A caption in the world's grammar -> its ``reading_order_caption``; None when it does not parse
+    (``shapes_eval.parse_prompt``)."""
+    parsed = _parsed(caption)
+    return None if parsed is None else reading_order_caption(*parsed)
 
 
 def mirror_caption(caption: str) -> str | None:
     """The reading-order caption of the scene mirrored left to right: every shape of the world is symmetric
     about its vertical axis, so mirroring moves each object to the other column and changes nothing else.
     None when the caption does not parse."""
-    from mmgen.eval.shapes_eval import parse_prompt
-
-    try:
-        objects, background = parse_prompt(caption)
-    except ValueError:
+    parsed = _parsed(caption)
+    if parsed is None:
         return None
+    objects, background = parsed
     for o in objects:
         o.cell = 3 * (o.cell // 3) + 2 - o.cell % 3
-    return canonical_caption(sorted(objects, key=lambda o: o.cell), background)
+    return reading_order_caption(objects, background)
 
 
 def paraphrase_caption(objects: Sequence[ShapeObject], background: str, rng: random.Random,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mmgen.data.shapes_data import world_batches
 from mmgen.pipelines.image_to_text import ImageToTextPipeline
 from mmgen.tokenizers.base import CheckpointError
-from mmgen.train.ar import caption_sequences, reading_order_caption
+from mmgen.train.ar import caption_sequences
 from mmgen.worlds import shapes
 from tests.conftest import make_debug_model
 from tests.tokenizers.test_seed import debug_seed
@@ -29,8 +29,8 @@ def test_caption_sequences_targets_only_caption_bytes():
 
 def test_reading_order_caption_is_a_function_of_the_image():
     s = next(shapes.generate(1, seed=2, num_objects=3))
-    a = reading_order_caption(s.objects, s.background)
-    b = reading_order_caption(list(reversed(s.objects)), s.background)
+    a = shapes.reading_order_caption(s.objects, s.background)
+    b = shapes.reading_order_caption(list(reversed(s.objects)), s.background)
     assert a == b and a.endswith(f"on a {s.background} background")
 
 
