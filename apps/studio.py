@@ -33,6 +33,7 @@ log = logging.getLogger("mmgen.studio")
 REPO = Path(__file__).resolve().parents[1]
 MAX_PROMPT_CHARS = 400
 MAX_IMAGES = 16
+MAX_CANDIDATES = 16  # the studio's slider (the pipeline takes up to 64)
 MAX_SEED = 2**31 - 1
 QUEUE_SIZE = 64
 SAMPLER_CHOICES = {"AR": ("ar", 1), "DD 1 step": ("dd", 1), "DD 2 steps": ("dd", 2)}
@@ -117,6 +118,13 @@ class Studio:
             has_student = False
         return list(SAMPLER_CHOICES) if has_student else ["AR"]
 
+    def candidates(self, checkpoint: str) -> int:
+        """The checkpoint's default number of candidates (1 where it has no judge or does not load)."""
+        try:
+            return self.pipeline(checkpoint).candidates
+        except Exception:  # the describe() text next to it says what is wrong
+            return 1
+
     def describe(self, checkpoint: str) -> str:
         try:
             pipe = self.pipeline(checkpoint)
@@ -132,10 +140,13 @@ class Studio:
         return (f"`{checkpoint}`: {m.num_parameters() / 1e6:.2f} M-parameter transformer, {t.layout.num_tokens} "
                 f"image tokens from a {t.vocab_size}-code tokenizer; {shuffle}{dd}. Checkpoint defaults: guidance "
                 f"{d['guidance_scale']}, temperature {d['temperature']}, top-k {d['top_k']}, top-p {d['top_p']}, "
-                f"min-p {d.get('min_p', 0.0)}, plausibility {d.get('plausibility', 0.0)}.")
+                f"min-p {d.get('min_p', 0.0)}, plausibility {d.get('plausibility', 0.0)}; "
+                + (f"CLIP reranking: the judge's best of {pipe.candidates} draws." if pipe.judge is not None
+                   else "no judge CLIP (one draw per image)."))
 
     def generate(self, prompt, seed, checkpoint, num_images, guidance_scale, temperature, top_k, top_p,
-                 cfg_schedule, sampler="AR", zipvl_tau=0.0, kv_bits="4/2", min_p=None, plausibility=None):
+                 cfg_schedule, sampler="AR", zipvl_tau=0.0, kv_bits="4/2", min_p=None, plausibility=None,
+                 candidates=None):
         """Returns (first image, [(image, caption)], record dict); raises gr.Error with a readable message."""
         try:
             prompt = _check_prompt(prompt)
@@ -158,8 +169,9 @@ class Studio:
                 if zipvl and kind != "ar":
                     raise ValueError("ZipVL works with the AR sampler: set ZipVL tau to 0 for DD")
                 gens = [torch.Generator().manual_seed(seed + k) for k in range(n)]
+                k = None if candidates is None else _int_in("candidates", candidates, 1, MAX_CANDIDATES)
                 out = pipe(prompt, num_images=n, generator=gens, progress=True, sampler=kind, steps=steps,
-                           **sampling.__dict__, **zipvl)
+                           candidates=k, **sampling.__dict__, **zipvl)
         except (CheckpointError, ValueError, OSError, KeyError) as e:
             raise gr.Error(str(e)) from None
         except Exception as e:  # an unexpected failure: logged in full, reported briefly, server keeps serving
@@ -237,13 +249,18 @@ def build_app(checkpoints: list[str] | None = None, allow_custom: bool = False) 
                                   info="0 = off; e.g. 0.975: prefill with the tokens holding that share of attention")
             kv_bits = gr.Dropdown(list(KV_BITS_CHOICES), value="4/2", label=f"{prefix}ZipVL KV bits",
                                   info="important / other tokens")
+        candidates = gr.Slider(1, MAX_CANDIDATES, value=studio.candidates(first), step=1,
+                               label=f"{prefix}candidates",
+                               info="CLIP reranking: draw this many images for each one shown and keep the one the "
+                                    "checkpoint's judge CLIP finds closest to the prompt (1 = off)")
+        ckpt.change(lambda c: gr.update(value=studio.candidates(c)), ckpt, candidates, api_visibility="private")
         return (ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler, zipvl_tau, kv_bits, min_p,
-                plausibility)
+                plausibility, candidates)
 
     def run(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler, zipvl_tau=0.0,
-            kv_bits="4/2", min_p=None, plausibility=None, progress=gr.Progress(track_tqdm=True)):
+            kv_bits="4/2", min_p=None, plausibility=None, candidates=None, progress=gr.Progress(track_tqdm=True)):
         return studio.generate(prompt, seed, ckpt, n, guidance, temperature, top_k, top_p, schedule, sampler,
-                               zipvl_tau, kv_bits, min_p, plausibility)
+                               zipvl_tau, kv_bits, min_p, plausibility, candidates)
 
     with gr.Blocks(title="mmgen studio", delete_cache=(3600, 3600)) as app:
         gr.Markdown("# mmgen studio\nOne autoregressive transformer writes image tokens; a tokenizer turns them "

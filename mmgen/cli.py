@@ -34,6 +34,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="ar: token by token (default); dd: the checkpoint's Distilled Decoding student")
     g.add_argument("--steps", type=int, default=1, choices=[1, 2], help="(dd) forward passes: 1 or 2 (default 1)")
     g.add_argument("--negative-prompt", help="what to steer away from (replaces the unconditional branch)")
+    g.add_argument("--candidates", type=int, metavar="K",
+                   help="CLIP reranking: draw K images for each one kept and keep the one the checkpoint's judge "
+                        "CLIP finds closest to the prompt; costs K times the drawing (default: the checkpoint's, "
+                        "8 for checkpoints/shapes; 1 = off)")
     z = p.add_argument_group("ZipVL (AR sampler; either option turns it on)")
     z.add_argument("--zipvl-tau", type=float, metavar="TAU",
                    help="share of attention mass the important tokens must hold, in (0, 1] (default 0.975); "
@@ -106,7 +110,8 @@ def cmd_image(args) -> int:
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, plausibility=args.plausibility,
                     cfg_schedule=args.cfg_schedule, negative_prompt=args.negative_prompt, sampler=args.sampler,
-                    steps=args.steps, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
+                    steps=args.steps, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits,
+                    candidates=args.candidates)
     if args.init_image:
         from PIL import Image
 
@@ -235,7 +240,8 @@ def cmd_eval_text(args) -> int:
               "reconstruction": evaluate_reconstruction(tokenizer, n=args.n, progress=not args.quiet)}
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, plausibility=args.plausibility,
-                    cfg_schedule=args.cfg_schedule, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
+                    cfg_schedule=args.cfg_schedule, zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits,
+                    candidates=args.candidates)
     if pipe is not None:
         scenes_seed = TEXT_EVAL_SEED if args.scenes_seed is None else args.scenes_seed
         report["text_to_image"] = evaluate_text_to_image(pipe, n=args.n, seed=args.seed, progress=not args.quiet,
@@ -267,7 +273,8 @@ def cmd_eval(args) -> int:
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, plausibility=args.plausibility,
                     cfg_schedule=args.cfg_schedule, sampler=args.sampler, steps=args.steps,
-                    zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits)
+                    zipvl_tau=args.zipvl_tau, kv_bits=args.kv_bits,
+                    candidates=args.candidates)
     for ps in args.prompt_sets:
         report[ps] = evaluate_text_to_image(pipe, ps, n=args.n, seed=args.seed, progress=not args.quiet, **sampling)
     if "see" in pipe.tasks:  # the model also writes captions: captioning accuracy on fresh world images
@@ -276,9 +283,11 @@ def cmd_eval(args) -> int:
 
         report["captions"] = evaluate_captions(ImageToTextPipeline.from_text_to_image(pipe),
                                                n=args.n, progress=not args.quiet)
-    extra = ("sampler", "steps", "zipvl_tau", "kv_bits")
+    extra = ("sampler", "steps", "zipvl_tau", "kv_bits", "candidates")
     report["sampling"] = {**pipe.options(**{k: v for k, v in sampling.items() if k not in extra}).__dict__,
                           **{k: sampling[k] for k in extra}}
+    chosen = pipe.candidates if args.candidates is None else args.candidates
+    report["sampling"]["candidates"] = pipe.check_candidates(chosen)
     text = json.dumps(report, indent=2)
     print(text, flush=True)  # first: a failing write must not lose the evaluation
     if args.json:

@@ -7,6 +7,8 @@ import torch
 
 from mmgen.pipelines.text_to_image import DEFAULT_CHECKPOINT, TextToImagePipeline
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model_index.json").exists(),
                                 reason="checkpoints/shapes not built")
 
@@ -19,17 +21,26 @@ def pipe(text_encoder):
 def test_weights_are_safetensors_and_small():
     files = [p for p in Path(DEFAULT_CHECKPOINT).rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-    assert sum(p.stat().st_size for p in files) < 40 * 2**20
+    # 48 MB with the judge CLIP, a byte-identical copy of checkpoints/seed/tokenizer/clip (one blob in git)
+    assert sum(p.stat().st_size for p in files) < 48 * 2**20
     assert (DEFAULT_CHECKPOINT / "README.md").is_file()
+    judge = REPO_ROOT / "checkpoints" / "seed" / "tokenizer" / "clip"
+    if judge.is_dir():
+        for name in ("config.json", "model.safetensors"):
+            assert (DEFAULT_CHECKPOINT / "judge" / name).read_bytes() == (judge / name).read_bytes()
 
 
 def test_generates_deterministic_64px_images(pipe):
     prompt = "a large red circle at the top left on a black background"
-    a = pipe(prompt, num_images=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
-    b = pipe(prompt, num_images=1, generator=[torch.Generator().manual_seed(0)])
+    a = pipe(prompt, num_images=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], candidates=1)
+    b = pipe(prompt, num_images=1, generator=[torch.Generator().manual_seed(0)], candidates=1)
     assert a.images[0].size == (64, 64)
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     assert a.record["tokens"] == 256 and a.record["forward_passes"] == 256 // pipe.model.tokens_per_step
+    c = pipe(prompt, num_images=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)])  # the defaults
+    d = pipe(prompt, num_images=1, generator=[torch.Generator().manual_seed(1)])
+    assert pipe.candidates == 4 and c.record["candidates"] == 4
+    assert np.array_equal(np.asarray(c.images[1]), np.asarray(d.images[0]))  # an image's seed alone decides it
 
 
 def test_distilled_student_when_shipped(pipe):
@@ -37,9 +48,12 @@ def test_distilled_student_when_shipped(pipe):
         pytest.skip("this checkpoint ships no Distilled Decoding student")
     prompt = "a small blue square in the center on a white background"
     for steps in (1, 2):
-        out = pipe(prompt, num_images=2, sampler="dd", steps=steps,
+        out = pipe(prompt, num_images=2, sampler="dd", steps=steps, candidates=1,
                    generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
         assert out.record["forward_passes"] == steps and out.images[0].size == (64, 64)
+        ranked = pipe(prompt, num_images=2, sampler="dd", steps=steps,
+                      generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+        assert ranked.record["forward_passes"] == steps * pipe.candidates
 
 
 def test_tokenizer_reconstructs_world_images(pipe):

@@ -5,6 +5,12 @@ Python API all call this; none of them reimplements it.
     out = pipe("a large red circle at the top left on a black background", num_images=4,
                generator=torch.Generator().manual_seed(0))
     out.images[0].save("x.png")
+
+CLIP reranking (``candidates``; DALL-E's reranking of its samples by CLIP, Ramesh et al. 2021, at small
+scale): a checkpoint with a ``judge`` (a CLIP trained on its world, ``model_index.json`` ``"judge": {"path":
+..., "candidates": K}``) draws K images for every image asked for, each from the same sampler and its own
+generator's next random draws, and returns the one whose CLIP embedding is closest to its prompt's. The judge
+never saw the world's held-out colour-shape pairs either. It costs K times the drawing.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from mmgen.tokenizers.vq_image import VQImageTokenizer, tensor_to_images
 
 TOKENIZERS = {"vq_image": VQImageTokenizer, "binary_text": BinaryTextTokenizer, "seed": SEEDTokenizer}
 MAX_IMAGES_PER_CALL = 64
+MAX_CANDIDATES = 64
 SAMPLERS = ("ar", "dd")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
 
@@ -71,12 +78,32 @@ def read_index(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{index} is not valid JSON: {e}") from e
 
 
+def load_judge(directory: Path, entry) -> tuple:
+    """``model_index.json``'s ``judge`` entry -> (the judge CLIP or None, its default candidates or None).
+    The path must lie inside the checkpoint folder."""
+    if entry is None:
+        return None, None
+    if not isinstance(entry, dict) or "path" not in entry or set(entry) - {"path", "candidates"}:
+        raise CheckpointError(f"{directory}/model_index.json: 'judge' must be {{\"path\": FOLDER, "
+                              f"\"candidates\": K}}, got {entry!r}")
+    root = directory.resolve()
+    path = (root / str(entry["path"])).resolve()
+    if root not in path.parents:
+        raise CheckpointError(f"{directory}/model_index.json: the judge path {entry['path']!r} leaves the checkpoint")
+    from mmgen.tokenizers.clip_shapes import ShapesCLIP
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"the judge folder {path} holds no CLIP (no config.json)")
+    return ShapesCLIP.from_pretrained(path), entry.get("candidates", 1)
+
+
 class TextToImagePipeline:
     modality = "image"
 
     def __init__(self, tokenizer, model: MMGenTransformer, text_encoder: SentenceEncoder | None = None,
                  defaults: dict | None = None, student: DDStudent | None = None, tasks=("draw",),
-                 world: str | None = None, caption_defaults: dict | None = None):
+                 world: str | None = None, caption_defaults: dict | None = None, judge=None,
+                 candidates: int | None = None):
         start, stop = model.vocab.range(self.modality)
         if stop - start != tokenizer.vocab_size:
             raise CheckpointError(f"vocabulary mismatch: the model's {self.modality} range has {stop - start} ids, "
@@ -103,6 +130,23 @@ class TextToImagePipeline:
         self.world = world  # the procedural world it was trained on ("shapes", "text"); None: a user's data
         # captioning's beams and rerank (checked by ImageToTextPipeline), kept so that packing keeps them
         self.caption_defaults = dict(caption_defaults) if caption_defaults else None
+        size = tokenizer.config.image_size
+        if judge is not None and judge.image_size != size:
+            raise CheckpointError(f"the judge CLIP takes {judge.image_size}px images, the tokenizer makes {size}px")
+        self.judge = judge.eval() if judge is not None else None
+        try:
+            self.candidates = self.check_candidates(1 if candidates is None else candidates)
+        except ValueError as err:
+            raise CheckpointError(f"the checkpoint's judge defaults: {err}") from None
+
+    def check_candidates(self, candidates) -> int:
+        """A valid number of images drawn per image returned (more than one needs the judge)."""
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be an integer in [1, {MAX_CANDIDATES}], got {candidates!r}")
+        if candidates > 1 and self.judge is None:
+            raise ValueError("reranking candidates needs a judge CLIP, and this checkpoint has none "
+                             "(model_index.json 'judge'); give candidates=1")
+        return candidates
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike = DEFAULT_CHECKPOINT,
@@ -115,8 +159,9 @@ class TextToImagePipeline:
         tokenizer = load_tokenizer(directory / index["tokenizer"])
         model = MMGenTransformer.from_pretrained(directory / index["model"])
         student = DDStudent.from_pretrained(directory / index["student"]) if index.get("student") else None
+        judge, candidates = load_judge(directory, index.get("judge"))
         return cls(tokenizer, model, text_encoder, index.get("defaults"), student, index.get("tasks", ["draw"]),
-                   index.get("world"), index.get("caption_defaults"))
+                   index.get("world"), index.get("caption_defaults"), judge, candidates)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = torch.float16) -> None:
         directory = Path(directory)
@@ -131,6 +176,9 @@ class TextToImagePipeline:
         if self.student is not None:
             self.student.save_pretrained(directory / "student", dtype=dtype)
             index["student"] = "student"
+        if self.judge is not None:
+            self.judge.save_pretrained(directory / "judge", dtype)
+            index["judge"] = {"path": "judge", "candidates": self.candidates}
         atomic_write_bytes(directory / "model_index.json", json.dumps(index, indent=2).encode())
 
     def options(self, **overrides) -> SamplingOptions:
@@ -148,8 +196,10 @@ class TextToImagePipeline:
                  negative_prompt: str | None = None, sampler: str = "ar", steps: int = 1,
                  zipvl_tau: float | None = None, kv_bits: str | None = None, image=None, keep_rows: int | None = None,
                  output_type: str = "pil", return_dict: bool = True, progress: bool = False,
-                 min_p: float | None = None, plausibility: float | None = None):
-        """Generate ``num_images`` per prompt. ``sampler="dd"`` uses the checkpoint's Distilled Decoding student
+                 min_p: float | None = None, plausibility: float | None = None, candidates: int | None = None):
+        """Generate ``num_images`` per prompt. ``candidates`` (default: the checkpoint's judge defaults, else 1):
+        draw that many images for each one returned and keep the one the judge CLIP scores closest to its
+        prompt (module docstring). ``sampler="dd"`` uses the checkpoint's Distilled Decoding student
         (``steps`` 1 or 2 forward passes per batch; the guidance and sampling options it was distilled with
         are built in, so the ones given here are not used).
 
@@ -166,6 +216,7 @@ class TextToImagePipeline:
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        candidates = self.check_candidates(self.candidates if candidates is None else candidates)
         if sampler == "dd" and self.student is None:
             raise ValueError("this checkpoint has no Distilled Decoding student (train one: mmgen train dd)")
         if sampler == "dd" and steps not in (1, 2):
@@ -195,15 +246,31 @@ class TextToImagePipeline:
                 raise ValueError("ZipVL and image continuation need the AR sampler")
             if self.model.config.text_bytes:
                 raise ValueError("Distilled Decoding does not take quoted text yet: use the AR sampler")
-            ids, record = self._distilled(expanded, generator, steps)
-        else:
-            ids, record = self._autoregressive(expanded, generator, opts, negative_prompt, progress, zipvl, context)
-        local = self.model.vocab.to_local(self.modality, ids)
-        if getattr(self.tokenizer, "decode_needs_generator", False):  # a diffusion decoder draws noise too
-            pixels = self.tokenizer.decode(local, generator=generator)
-            record.decode_steps = self.tokenizer.config.sample_steps
-        else:
-            pixels = self.tokenizer.decode(local)
+
+        def draw():
+            if sampler == "dd":
+                ids, record = self._distilled(expanded, generator, steps)
+            else:
+                ids, record = self._autoregressive(expanded, generator, opts, negative_prompt, progress, zipvl,
+                                                   context)
+            local = self.model.vocab.to_local(self.modality, ids)
+            if getattr(self.tokenizer, "decode_needs_generator", False):  # a diffusion decoder draws noise too
+                record.decode_steps = self.tokenizer.config.sample_steps
+                return self.tokenizer.decode(local, generator=generator), record
+            return self.tokenizer.decode(local), record
+
+        pixels, record = draw()
+        if candidates > 1:
+            best = self.judge.clip_score(pixels, expanded).float()
+            for _ in range(candidates - 1):  # each image's generator goes on to its next candidate
+                more, rec = draw()
+                score = self.judge.clip_score(more, expanded).float()
+                better = score > best  # ties keep the earlier candidate
+                pixels[better], best = more[better], torch.where(better, score, best)
+                record.seconds += rec.seconds  # sampling seconds, all candidates (as with one: no decoding)
+                record.forward_passes += rec.forward_passes
+            record.tokens_per_s = record.batch * record.tokens * candidates / max(record.seconds, 1e-9)
+            record.candidates, record.judge_scores = candidates, [round(v, 5) for v in best.tolist()]
         images = tensor_to_images(pixels) if output_type == "pil" else pixels
         out = ImagePipelineOutput(images, expanded, record.to_dict())
         return out if return_dict else (images,)

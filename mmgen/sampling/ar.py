@@ -82,6 +82,8 @@ class SamplingRecord:
     guidance_scale: float = 1.0
     zipvl: dict | None = None   # ZipVL: tau, kv bits, kept ratio per layer, KV bytes against a dense cache
     decode_steps: int = 0       # denoising steps of a diffusion decoder after the tokens (SEED); 0: none
+    candidates: int = 1         # images drawn per image returned (CLIP reranking); seconds cover them all
+    judge_scores: list | None = None  # with candidates > 1: the judge's CLIP score of each image returned
 
     def to_dict(self) -> dict:
         return asdict(self)

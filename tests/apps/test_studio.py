@@ -104,6 +104,7 @@ def test_ten_requests_at_once_all_succeed(server):
     ((PROMPT, 0, CKPT, 1, 3.0, -1.0), "temperature|minimum"),
     ((PROMPT, 0, "/no/such/checkpoint"), "not one of this studio's checkpoints|not in the list of choices"),
     ((PROMPT, 0, CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "diffusion"), "choices|sampler"),
+    ((PROMPT, 0, CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "AR", 0, "4/2", 0.0, 0.0, 99), "candidates|maximum"),
 ])
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, args, message):
     from gradio_client.exceptions import AppError
@@ -122,14 +123,16 @@ def test_distilled_decoding_from_the_studio(server, client):
         image, gallery, record = client.predict(PROMPT, 0, CKPT, 2, 2.0, 0.7, 5, 1.0, "constant", choice,
                                                 api_name="/generate_image")
         assert _as_array(image).shape == (64, 64, 3) and len(gallery) == 2
-        assert record["forward_passes"] == passes and record["sampler"] == f"dd{passes}"
+        assert record["forward_passes"] == passes * record["candidates"] and record["sampler"] == f"dd{passes}"
 
 
 def test_compare_runs_two_settings_side_by_side(client):
-    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "AR", 0, "4/2", 0.0, 0.0]
-    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear", "AR", 0.95, "4/2", 0.1, 0.2]
+    base = [CKPT, 1, 1.5, 1.0, 1, 1.0, "constant", "AR", 0, "4/2", 0.0, 0.0, 1]
+    other = [CKPT, 2, 3.0, 1.0, 0, 1.0, "linear", "AR", 0.95, "4/2", 0.1, 0.2, 3]
     ga, ra, gb, rb = client.predict(PROMPT, 4, *base, *other, api_name="/compare")
     assert len(ga) == 1 and len(gb) == 2
+    assert ra["candidates"] == 1 and ra["judge_scores"] is None
+    assert rb["candidates"] == 3 and len(rb["judge_scores"]) == 2
     assert ra["option_guidance_scale"] == 1.5 and rb["option_cfg_schedule"] == "linear"
     assert ra["zipvl"] is None and rb["zipvl"]["tau"] == 0.95
     assert ra["option_min_p"] == 0.0 and rb["option_min_p"] == 0.1 and rb["option_plausibility"] == 0.2

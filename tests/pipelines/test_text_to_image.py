@@ -93,3 +93,78 @@ def test_checkpoint_defaults_are_what_options_give(text_encoder):
                        ({"temperature": -1}, "temperature")):
         with pytest.raises(CheckpointError, match=match):
             TextToImagePipeline(tok, make_debug_model(tok.vocab_size), text_encoder, bad)
+
+
+def _debug_judge(size: int = 16, seed: int = 0):
+    from mmgen.tokenizers.clip_shapes import CLIP_CONFIGS, ShapesCLIP
+
+    torch.manual_seed(seed)
+    cfg = json.loads(json.dumps(CLIP_CONFIGS["debug"]))
+    cfg["vision_cfg"].update(image_size=size, patch_size=8)
+    return ShapesCLIP(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def judged_pipeline(text_encoder):
+    tok = make_debug_tokenizer()
+    return TextToImagePipeline(tok, make_debug_model(tok.vocab_size), text_encoder, judge=_debug_judge(),
+                               candidates=3)
+
+
+def test_candidates_keep_the_judges_best(judged_pipeline):
+    """candidates=K returns, per image, the judge's best of the K images that K plain calls draw from the same
+    generators in turn; its record holds those best scores."""
+    prompts = [PROMPT, "a small blue star in the center on a white background"]
+    out = judged_pipeline(prompts, num_images=2, generator=[_gen(s) for s in range(4)], candidates=4,
+                          output_type="pt")
+    gens = [_gen(s) for s in range(4)]
+    draws = [judged_pipeline(prompts, num_images=2, generator=gens, candidates=1, output_type="pt").images
+             for _ in range(4)]
+    expanded = [p for p in prompts for _ in range(2)]
+    scores = torch.stack([judged_pipeline.judge.clip_score(d, expanded) for d in draws], 1)
+    best = scores.argmax(1)
+    assert len(set(best.tolist())) > 1 or len(set(scores.argmin(1).tolist())) > 1  # the candidates differ
+    want = torch.stack([draws[k][i] for i, k in enumerate(best.tolist())])
+    assert torch.equal(out.images, want)
+    plain = judged_pipeline(prompts, num_images=2, generator=[_gen(0)] * 4, candidates=1).record
+    assert out.record["candidates"] == 4 and out.record["forward_passes"] == 4 * plain["forward_passes"]
+    assert out.record["judge_scores"] == pytest.approx(scores.max(1).values.tolist(), abs=1e-4)
+
+
+def test_one_candidate_is_the_plain_draw(judged_pipeline, debug_pipeline):
+    a = judged_pipeline(PROMPT, generator=_gen(5), candidates=1, output_type="pt")
+    b = debug_pipeline(PROMPT, generator=_gen(5), output_type="pt")
+    assert torch.equal(a.images, b.images) and a.record["candidates"] == 1 and a.record["judge_scores"] is None
+    default = judged_pipeline(PROMPT, generator=_gen(5), output_type="pt")  # the pipeline's default: 3
+    assert default.record["candidates"] == 3
+
+
+def test_bad_candidates_are_refused(judged_pipeline, debug_pipeline, text_encoder):
+    for bad in (0, 65, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="candidates must be an integer"):
+            judged_pipeline(PROMPT, candidates=bad)
+    with pytest.raises(ValueError, match="needs a judge"):
+        debug_pipeline(PROMPT, candidates=2)
+    tok = make_debug_tokenizer()
+    with pytest.raises(CheckpointError, match="judge CLIP takes 32px"):
+        TextToImagePipeline(tok, make_debug_model(tok.vocab_size), text_encoder, judge=_debug_judge(32))
+    with pytest.raises(CheckpointError, match="judge defaults"):
+        TextToImagePipeline(tok, make_debug_model(tok.vocab_size), text_encoder, candidates=4)
+
+
+def test_judge_is_saved_and_checked_on_load(judged_pipeline, tmp_path, text_encoder):
+    path = tmp_path / "judged"
+    judged_pipeline.save_pretrained(path, dtype=None)
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["judge"] == {"path": "judge", "candidates": 3}
+    loaded = TextToImagePipeline.from_pretrained(path, text_encoder=text_encoder)
+    assert loaded.candidates == 3
+    a = judged_pipeline(PROMPT, generator=_gen(6), output_type="pt").images
+    assert torch.allclose(a, loaded(PROMPT, generator=_gen(6), output_type="pt").images)
+    for entry, match in (({"path": "../elsewhere"}, "leaves the checkpoint"), ({"path": "missing"}, "holds no CLIP"),
+                         ({"path": "model"}, "expected a 'open_clip_shapes'"),
+                         ({"path": "judge", "k": 2}, "must be"), ("judge", "must be"),
+                         ({"path": "judge", "candidates": 0}, "candidates must be")):
+        (path / "model_index.json").write_text(json.dumps({**index, "judge": entry}))
+        with pytest.raises(CheckpointError, match=match):
+            TextToImagePipeline.from_pretrained(path, text_encoder=text_encoder)
