@@ -87,7 +87,8 @@ def main(argv=None) -> list[dict]:
     scenes = shapes_run.eval_scenes("canonical", args.n, seed=TUNING_SEED)
     rows = []
     for kw in grid:
-        options = {"temperature": 1.0, "top_p": 1.0, "cfg_schedule": "constant", **kw}
+        # the sampler alone unless a row asks for CLIP reranking ({"candidates": K})
+        options = {"temperature": 1.0, "top_p": 1.0, "cfg_schedule": "constant", "candidates": 1, **kw}
         images = []
         for i in range(0, len(scenes), 32):
             chunk = scenes[i:i + 32]

@@ -86,11 +86,11 @@ def quality(pipe, settings: dict, n: int, seed: int) -> dict:
         for i in range(0, len(samples), 16):
             chunk = samples[i:i + 16]
             gens = lambda: [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]  # noqa: E731
-            r = pipe([s.caption for s in chunk], generator=gens(), **kw)
+            r = pipe([s.caption for s in chunk], generator=gens(), candidates=1, **kw)  # the samplers, not reranking
             t2i += r.images
             recs.append(r.record)
             c = pipe([s.caption for s in chunk], generator=gens(), image=[s.image for s in chunk],
-                     keep_rows=h // 2, **kw)
+                     keep_rows=h // 2, candidates=1, **kw)
             cont += c.images
             recs.append(c.record)
         z = [r["zipvl"] for r in recs if r.get("zipvl")]

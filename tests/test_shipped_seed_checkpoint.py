@@ -62,7 +62,8 @@ def test_draws_deterministic_64px_images(text_encoder):
     prompt = "a large red circle at the top left on a black background"
     a = pipe(prompt, num_images=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
     b = pipe(prompt, num_images=1, generator=[torch.Generator().manual_seed(0)])
-    assert a.images[0].size == (64, 64) and a.record["tokens"] == 32
+    assert a.images[0].size == (64, 64) and a.record["tokens"] == 32 and a.record["candidates"] == pipe.candidates == 4
+    assert pipe.judge is pipe.tokenizer.clip  # the CLIP it sees with judges its drawings
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     img = np.asarray(a.images[0]).astype(float)
     assert img[..., 0].max() > 150  # something red-ish is drawn on the black background

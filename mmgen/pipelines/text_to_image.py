@@ -159,7 +159,13 @@ class TextToImagePipeline:
         tokenizer = load_tokenizer(directory / index["tokenizer"])
         model = MMGenTransformer.from_pretrained(directory / index["model"])
         student = DDStudent.from_pretrained(directory / index["student"]) if index.get("student") else None
-        judge, candidates = load_judge(directory, index.get("judge"))
+        own = getattr(tokenizer, "clip", None)  # SEED's vision tower: the judge may be the very same CLIP
+        entry = index.get("judge")
+        if own is not None and isinstance(entry, dict) and set(entry) <= {"path", "candidates"} and (
+                (directory / str(entry.get("path"))).resolve() == (directory / index["tokenizer"] / "clip").resolve()):
+            judge, candidates = own, entry.get("candidates", 1)
+        else:
+            judge, candidates = load_judge(directory, entry)
         return cls(tokenizer, model, text_encoder, index.get("defaults"), student, index.get("tasks", ["draw"]),
                    index.get("world"), index.get("caption_defaults"), judge, candidates)
 
@@ -176,7 +182,9 @@ class TextToImagePipeline:
         if self.student is not None:
             self.student.save_pretrained(directory / "student", dtype=dtype)
             index["student"] = "student"
-        if self.judge is not None:
+        if self.judge is not None and self.judge is getattr(self.tokenizer, "clip", None):
+            index["judge"] = {"path": "tokenizer/clip", "candidates": self.candidates}  # saved with the tokenizer
+        elif self.judge is not None:
             self.judge.save_pretrained(directory / "judge", dtype)
             index["judge"] = {"path": "judge", "candidates": self.candidates}
         atomic_write_bytes(directory / "model_index.json", json.dumps(index, indent=2).encode())

@@ -1,6 +1,8 @@
 """Image -> text with the AR model that draws: the caption path (byte tokens after the image tokens)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,8 +76,13 @@ def test_caption_defaults_survive_packing_and_reach_captioning(tmp_path, text_en
     tok = debug_seed(with_decoder=False)
     model = make_debug_model(tok.vocab_size).eval()
     pipe = TextToImagePipeline(tok, model, text_encoder, tasks=["draw", "see"],
-                               caption_defaults={"beams": 3, "rerank": 0.5})
+                               caption_defaults={"beams": 3, "rerank": 0.5}, judge=tok.clip, candidates=2)
     pipe.save_pretrained(tmp_path / "ckpt", dtype=None)
+    # the judge is the tokenizer's own CLIP: named, not saved twice, and the same module once loaded
+    index = json.loads((tmp_path / "ckpt" / "model_index.json").read_text())
+    assert index["judge"] == {"path": "tokenizer/clip", "candidates": 2} and not (tmp_path / "ckpt" / "judge").exists()
+    drawer = TextToImagePipeline.from_pretrained(tmp_path / "ckpt", text_encoder)
+    assert drawer.judge is drawer.tokenizer.clip and drawer.candidates == 2
     loaded = ImageToTextPipeline.from_pretrained(tmp_path / "ckpt")
     shared = ImageToTextPipeline.from_text_to_image(TextToImagePipeline.from_pretrained(tmp_path / "ckpt",
                                                                                         text_encoder))
