@@ -37,7 +37,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--candidates", type=int, metavar="K",
                    help="CLIP reranking: draw K images for each one kept and keep the one the checkpoint's judge "
                         "CLIP finds closest to the prompt; costs K times the drawing (default: the checkpoint's, "
-                        "8 for checkpoints/shapes; 1 = off)")
+                        "4 for checkpoints/shapes and checkpoints/seed; 1 = off)")
     z = p.add_argument_group("ZipVL (AR sampler; either option turns it on)")
     z.add_argument("--zipvl-tau", type=float, metavar="TAU",
                    help="share of attention mass the important tokens must hold, in (0, 1] (default 0.975); "
