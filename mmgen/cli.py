@@ -341,6 +341,16 @@ def cmd_pack(args) -> int:
         pipe.tokenizer = attach_decoder(pipe.tokenizer, args.seed_decoder)
     if args.defaults:
         pipe.defaults = SamplingOptions.from_dict({**pipe.defaults, **given}, "--defaults").__dict__
+    if args.judge == "own":  # a SEED tokenizer's vision tower judges the drawings
+        if getattr(pipe.tokenizer, "clip", None) is None:
+            raise SystemExit("error: --judge own needs a tokenizer with its own CLIP (SEED)")
+        pipe.set_judge(pipe.tokenizer.clip, 4 if args.candidates is None else args.candidates)
+    elif args.judge:
+        from mmgen.tokenizers.clip_shapes import ShapesCLIP
+
+        pipe.set_judge(ShapesCLIP.from_pretrained(args.judge), 4 if args.candidates is None else args.candidates)
+    elif args.candidates is not None:
+        pipe.set_judge(pipe.judge, args.candidates)
     pipe.save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
     print(args.output)
     return 0
@@ -526,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--output", required=True)
     pk.add_argument("--defaults", help='JSON of sampling defaults, e.g. \'{"guidance_scale": 3}\'')
     pk.add_argument("--fp32", action="store_true", help="keep fp32 weights (default: fp16)")
+    pk.add_argument("--judge", metavar="DIR|own",
+                    help="a CLIP folder (mmgen train clip) that reranks the drawings, or 'own': the SEED tokenizer's "
+                         "CLIP (CLIP reranking; see --candidates)")
+    pk.add_argument("--candidates", type=int, metavar="K",
+                    help="draws an image by default, the judge's best kept (default with --judge: 4; 1 = off)")
     pk.add_argument("--tokenizer", help="with --pipeline: replace the tokenizer by this one with the same codebook "
                                         "(e.g. SEED with its trained diffusion decoder); alone: pack this tokenizer "
                                         "folder by itself (e.g. runs/binary_text/tokenizer)")

@@ -197,6 +197,36 @@ def test_bad_outputs_options_and_defaults_fail_before_work(tmp_path, debug_check
             main(argv)
 
 
+def test_pack_adds_a_judge(tmp_path, debug_checkpoint, capsys):
+    """mmgen pack --judge DIR --candidates K writes the judge into the checkpoint; the packed pipeline reranks
+    by default; no judge, a judge of another image size or 'own' without a SEED tokenizer are refused."""
+    from mmgen.cli import main
+    from mmgen.pipelines.text_to_image import TextToImagePipeline
+    from mmgen.tokenizers.clip_shapes import CLIP_CONFIGS, ShapesCLIP
+
+    cfg = json.loads(json.dumps(CLIP_CONFIGS["debug"]))
+    for size in (16, 32):
+        cfg["vision_cfg"].update(image_size=size, patch_size=8)
+        ShapesCLIP(cfg).save_pretrained(tmp_path / f"clip{size}")
+    out = tmp_path / "judged"
+    assert main(["pack", "--pipeline", str(debug_checkpoint), "--output", str(out), "--judge",
+                 str(tmp_path / "clip16"), "--candidates", "3"]) == 0
+    assert json.loads((out / "model_index.json").read_text())["judge"] == {"path": "judge", "candidates": 3}
+    pipe = TextToImagePipeline.from_pretrained(out)
+    assert pipe.candidates == 3 and pipe("a red circle").record["candidates"] == 3
+    assert main(["pack", "--pipeline", str(out), "--output", str(tmp_path / "off"), "--candidates", "1"]) == 0
+    assert TextToImagePipeline.from_pretrained(tmp_path / "off").candidates == 1
+    assert main(["pack", "--pipeline", str(debug_checkpoint), "--output", str(tmp_path / "x"),
+                 "--candidates", "2"]) == 2
+    assert "needs a judge" in capsys.readouterr().err
+    assert main(["pack", "--pipeline", str(debug_checkpoint), "--output", str(tmp_path / "x"), "--judge",
+                 str(tmp_path / "clip32")]) == 2
+    assert "32px" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="own CLIP"):
+        main(["pack", "--pipeline", str(debug_checkpoint), "--output", str(tmp_path / "x"), "--judge", "own"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_studio_is_found_after_global_options(monkeypatch):
     import mmgen.cli as cli
 

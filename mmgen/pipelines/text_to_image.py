@@ -130,7 +130,12 @@ class TextToImagePipeline:
         self.world = world  # the procedural world it was trained on ("shapes", "text"); None: a user's data
         # captioning's beams and rerank (checked by ImageToTextPipeline), kept so that packing keeps them
         self.caption_defaults = dict(caption_defaults) if caption_defaults else None
-        size = tokenizer.config.image_size
+        self.set_judge(judge, candidates)
+
+    def set_judge(self, judge, candidates: int | None = None) -> None:
+        """Rerank with ``judge`` (a ``ShapesCLIP`` of the tokenizer's image size, or None), ``candidates`` draws
+        an image by default (None: 1); a mismatch is a ``CheckpointError``."""
+        size = self.tokenizer.config.image_size
         if judge is not None and judge.image_size != size:
             raise CheckpointError(f"the judge CLIP takes {judge.image_size}px images, the tokenizer makes {size}px")
         self.judge = judge.eval() if judge is not None else None
