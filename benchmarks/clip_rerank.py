@@ -32,6 +32,7 @@ from tune_sampling import TUNING_SEED  # noqa: E402
 
 from mmgen.eval import shapes_eval, shapes_run  # noqa: E402
 from mmgen.eval.paired import compare  # noqa: E402
+from mmgen.tokenizers.vq_image import tensor_to_images  # noqa: E402
 
 PROMPT_SETS = ("canonical", "held_out_combos", "held_out_wording", "paraphrase_held_out")
 
@@ -52,19 +53,13 @@ def candidates_judged(pipe, scenes, k: int, batch: int, keep: bool = False):
             score[i:i + len(chunk), c] = pipe.judge.clip_score(pixels, prompts).float()
             ok[i:i + len(chunk), c] = torch.tensor([
                 float(shapes_eval.judge(im, s.objects, s.background)["satisfied"])
-                for im, s in zip(pipe_images(pixels), chunk)])
+                for im, s in zip(tensor_to_images(pixels), chunk)])
     if not keep:
         return ok, score, None
     pixels = torch.zeros(len(scenes), k, *kept[0][2].shape[1:])
     for i, c, x in kept:
         pixels[i:i + len(x), c] = x
     return ok, score, pixels
-
-
-def pipe_images(pixels: torch.Tensor):
-    from mmgen.tokenizers.vq_image import tensor_to_images
-
-    return tensor_to_images(pixels)
 
 
 def pick(score: torch.Tensor, k: int) -> torch.Tensor:

