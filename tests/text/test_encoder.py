@@ -1,10 +1,12 @@
 """The sentence encoder's word-piece limit: generation refuses an over-long prompt, training reads it as no
 condition, and the distillation teacher is asked for the scene's canonical caption instead."""
 import itertools
+import logging
 
 import pytest
 import torch
 
+from mmgen.text.encoder import MAX_PROMPT_CHARS, check_prompts
 from mmgen.train.dd import teacher_prompts
 from mmgen.worlds import shapes
 from tests.conftest import make_debug_model
@@ -62,3 +64,27 @@ def test_the_worlds_evaluation_paraphrases_fit_the_prefix(text_encoder):
     """Generation refuses prompts over the limit, so the held-out wording that evaluation uses must fit it."""
     captions = [s.caption for s in itertools.islice(shapes.generate(None, seed=5, size=16, held_out=True), 3000)]
     assert max(text_encoder.lengths(captions)) <= text_encoder.max_tokens
+
+
+def test_a_prompt_over_the_character_limit_is_refused_before_the_encoder_reads_it(text_encoder):
+    """5,000 characters in one word are a single [UNK] piece, well inside the word-piece limit: without the
+    character limit such a prompt would draw from no condition at all."""
+    huge = "x" * (MAX_PROMPT_CHARS + 1)
+    assert text_encoder.lengths(["x" * MAX_PROMPT_CHARS])[0] <= text_encoder.max_tokens
+    with pytest.raises(ValueError, match="too long: 1001 characters"):
+        text_encoder([SHORT, huge])
+    with pytest.raises(ValueError, match="too long"):
+        check_prompts(huge)
+
+
+def test_words_the_encoder_cannot_read_are_named_in_a_warning(text_encoder, caplog):
+    prompt = "a red \U0001F7E5 circle in the center on a black background"
+    assert text_encoder.unread_words(prompt) == ["\U0001F7E5"]
+    assert text_encoder.unread_words(SHORT) == []
+    with caplog.at_level(logging.WARNING, logger="mmgen.text.encoder"):
+        text_encoder([prompt, SHORT])
+    assert len(caplog.records) == 1 and "\U0001F7E5" in caplog.records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmgen.text.encoder"):
+        text_encoder([prompt], too_long="drop")  # training reads its captions without a word
+    assert not caplog.records
