@@ -1,5 +1,6 @@
 """Two SEED builds judged scene by scene on the same tuning scenes, with the exact sign test on the scenes only
-one of them gets right (``mmgen/eval/paired.py``). Tuning scenes only, never the reported ones: captions on
+one of them gets right (``mmgen/eval/paired.py``). Drawing serves any two text-to-image builds (e.g. two shapes
+models), on any of shapes-eval's prompt sets (``--draw-sets``). Tuning scenes only, never the reported ones: captions on
 ``benchmarks/tune_sampling.CAPTION_TUNING_SEED``, drawing and reconstructions on its ``TUNING_SEED``, with the
 same scenes, batches and sampler seeds as ``tune_sampling.py``, so its totals match that script's.
 
@@ -9,7 +10,12 @@ same scenes, batches and sampler seeds as ``tune_sampling.py``, so its totals ma
     .venv/bin/python benchmarks/seed_paired.py --a checkpoints/seed --b checkpoints/seed --captions 500 \
         --a-caption-options '{"beams": 1}'
 
-One JSON line per task ("captions", "draw", "recon"): each build's scenes right, the discordant counts a_only
+    # two shapes models at their own defaults, one draw an image, on canonical and held-out-pair prompts
+    .venv/bin/python benchmarks/seed_paired.py --a checkpoints/shapes --b runs/pack_more --draw 100 \
+        --draw-options '{"guidance_scale": null, "temperature": null, "top_p": null, "cfg_schedule": null, "candidates": 1}' \
+        --draw-sets canonical held_out_combos
+
+One JSON line per task ("captions", "draw", "recon"; drawing on a set other than canonical is "draw:SET"): each build's scenes right, the discordant counts a_only
 and b_only, p_sign, and the same by object count; "options": both sides' sampling (drawing) or caption options
 when they differ (options not given in --draw-options or --X-caption-options come from each build's own).
 """
@@ -50,13 +56,16 @@ def caption_verdicts(checkpoint: str, n: int, options: dict | None = None) -> tu
     return right, [len(s.objects) for s in scenes], options
 
 
-def draw_verdicts(checkpoint: str, n: int, options: dict) -> tuple[list[bool], list[int], dict]:
-    """-> verdicts, object counts, and the build's sampling defaults (they fill what ``options`` leaves out)."""
+def draw_verdicts(checkpoint: str, n: int, options: dict, prompt_set: str = "canonical"
+                  ) -> tuple[list[bool], list[int], dict]:
+    """-> verdicts, object counts, and the build's sampling defaults (they fill what ``options`` leaves out;
+    ``options`` null for a build's own defaults)."""
     from mmgen.pipelines.text_to_image import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_pretrained(checkpoint)
-    scenes = shapes_run.eval_scenes("canonical", n, seed=TUNING_SEED)
+    scenes = shapes_run.eval_scenes(prompt_set, n, seed=TUNING_SEED)
     options = {"temperature": 1.0, "top_p": 1.0, "cfg_schedule": "constant", **options}
+    options = {k: v for k, v in options.items() if v is not None}
     right = []
     for i in range(0, len(scenes), 32):  # tune_sampling's batches and sampler seeds
         chunk = scenes[i:i + 32]
@@ -91,7 +100,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--recon", type=int, default=0, metavar="N",
                     help="reconstruct N tuning scenes per object count (tokenizer and decoder only)")
     ap.add_argument("--draw-options", default='{"guidance_scale": 3.0}',
-                    help="JSON sampling options for --draw (default guidance 3.0, as tune_sampling was run)")
+                    help="JSON sampling options for --draw (default guidance 3.0, as tune_sampling was run; "
+                         "temperature 1, top-p 1 and a constant schedule unless given; null: the build's own)")
+    ap.add_argument("--draw-sets", nargs="+", default=["canonical"], choices=shapes_run.PROMPT_SETS,
+                    help="shapes-eval prompt sets to draw (default canonical), tuning scenes of each")
     ap.add_argument("--recon-options", default='{"guidance_scale": 3.0, "steps": 25}',
                     help="JSON decoder options for --recon")
     ap.add_argument("--a-caption-options", default="{}",
@@ -104,8 +116,10 @@ def main(argv=None) -> list[dict]:
         if not Path(name).is_dir():
             ap.error(f"no checkpoint folder {name}")
     caption_options = {"a": json.loads(args.a_caption_options), "b": json.loads(args.b_caption_options)}
-    tasks = [("captions", args.captions, lambda c, n, side: caption_verdicts(c, n, caption_options[side])),
-             ("draw", args.draw, lambda c, n, side: draw_verdicts(c, n, json.loads(args.draw_options))),
+    draw = [(f"draw:{name}" if name != "canonical" else "draw", args.draw,
+             lambda c, n, side, name=name: draw_verdicts(c, n, json.loads(args.draw_options), name))
+            for name in dict.fromkeys(args.draw_sets)]
+    tasks = [("captions", args.captions, lambda c, n, side: caption_verdicts(c, n, caption_options[side])), *draw,
              ("recon", args.recon, lambda c, n, side: recon_verdicts(c, n, json.loads(args.recon_options)))]
     rows = []
     for task, n, run in tasks:
