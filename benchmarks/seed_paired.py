@@ -12,11 +12,12 @@ same scenes, batches and sampler seeds as ``tune_sampling.py``, so its totals ma
 
     # two shapes models at their own defaults, one draw an image, on canonical and held-out-pair prompts
     .venv/bin/python benchmarks/seed_paired.py --a checkpoints/shapes --b runs/pack_more --draw 100 \
-        --draw-options '{"guidance_scale": null, "temperature": null, "top_p": null, "cfg_schedule": null, "candidates": 1}' \
+        --draw-options '{"guidance_scale": null, "temperature": null, "top_p": null, "cfg_schedule": null,
+                         "candidates": 1}' \
         --draw-sets canonical held_out_combos
 
-One JSON line per task ("captions", "draw", "recon"; drawing on a set other than canonical is "draw:SET"): each build's scenes right, the discordant counts a_only
-and b_only, p_sign, and the same by object count; "options": both sides' sampling (drawing) or caption options
+One JSON line per task ("captions", "draw", "recon"; drawing on a set other than canonical is "draw:SET"):
+each build's scenes right, the discordant counts a_only and b_only, p_sign, and the same by object count; "options": both sides' sampling (drawing) or caption options
 when they differ (options not given in --draw-options or --X-caption-options come from each build's own).
 """
 from __future__ import annotations
