@@ -17,8 +17,9 @@ same scenes, batches and sampler seeds as ``tune_sampling.py``, so its totals ma
         --draw-sets canonical held_out_combos
 
 One JSON line per task ("captions", "draw", "recon"; drawing on a set other than canonical is "draw:SET"):
-each build's scenes right, the discordant counts a_only and b_only, p_sign, and the same by object count; "options": both sides' sampling (drawing) or caption options
-when they differ (options not given in --draw-options or --X-caption-options come from each build's own).
+each build's scenes right, the discordant counts a_only and b_only, p_sign, and the same by object count;
+"options": both sides' sampling (drawing) or caption options when they differ (options not given in
+--draw-options or --X-caption-options come from each build's own).
 """
 from __future__ import annotations
 
