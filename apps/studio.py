@@ -179,6 +179,10 @@ class Studio:
             raise gr.Error(f"generation failed: {type(e).__name__}: {e}") from None
         record = {"checkpoint": checkpoint, "seed": seed, **out.record, **{f"option_{k}": v for k, v in
                                                                         sampling.__dict__.items()}}
+        record["unread_words"] = pipe.text_encoder.unread_words(prompt)  # what reached the model as [UNK]
+        if record["unread_words"]:
+            gr.Warning(f"the text encoder cannot read {', '.join(map(repr, record['unread_words']))}: "
+                       "the model saw an unknown word there")
         gallery = [(img, f"seed {seed + k}") for k, img in enumerate(out.images)]
         return out.images[0], gallery, record
 

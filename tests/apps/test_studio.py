@@ -79,6 +79,13 @@ def test_generate_image_api_returns_the_pipelines_image(client):
     assert np.array_equal(got, np.asarray(want))  # same seed, same image as the API and the CLI
     assert len(gallery) == 1 and record["seed"] == 3 and record["forward_passes"] > 0
     assert record["tokens"] == 256 and record["tokens_per_s"] > 0
+    assert record["unread_words"] == []
+
+
+def test_words_the_encoder_cannot_read_are_named_in_the_record(client):
+    _, _, record = client.predict("a large red \U0001F7E5 circle at the top left on a black background", 3,
+                                  api_name="/generate_image")
+    assert record["unread_words"] == ["\U0001F7E5"]
 
 
 def test_ten_requests_at_once_all_succeed(server):
