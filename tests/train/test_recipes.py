@@ -23,6 +23,7 @@ class _Grid:
 
 # each AR recipe with the tokenizer recipe it is trained over
 AR_TOKENIZER = {"shapes_ar.yaml": "vq_image.yaml", "shapes_ar_ts2.yaml": "vq_image.yaml",
+                "shapes_ar_ts2_more.yaml": "vq_image.yaml",
                 "text_ar_ts4.yaml": "binary_text.yaml", "text_ar_512_ts4.yaml": "binary_text.yaml",
                 "text_ar_ts4_gpu.yaml": "binary_text.yaml", "text_ar_ts4_gpu_byte_index.yaml": "binary_text.yaml",
                 "text_ar_ts4_gpu_glyph.yaml": "binary_text.yaml",
