@@ -258,12 +258,15 @@ class TextToImagePipeline:
             if self.model.config.text_bytes:
                 raise ValueError("Distilled Decoding does not take quoted text yet: use the AR sampler")
 
+        # the prompts are encoded once; each candidate only samples and decodes
+        inputs = self._distilled_inputs(expanded) if sampler == "dd" else self._ar_inputs(expanded, negative_prompt)
+
         def draw():
             if sampler == "dd":
-                ids, record = self._distilled(expanded, generator, steps)
+                ids, record = self._distilled(expanded, generator, steps, inputs)
             else:
                 ids, record = self._autoregressive(expanded, generator, opts, negative_prompt, progress, zipvl,
-                                                   context)
+                                                   context, inputs)
             local = self.model.vocab.to_local(self.modality, ids)
             if getattr(self.tokenizer, "decode_needs_generator", False):  # a diffusion decoder draws noise too
                 record.decode_steps = self.tokenizer.config.sample_steps
@@ -286,9 +289,14 @@ class TextToImagePipeline:
         out = ImagePipelineOutput(images, expanded, record.to_dict())
         return out if return_dict else (images,)
 
-    def _distilled(self, prompts: list[str], generator, steps: int):
+    def _distilled_inputs(self, prompts: list[str]) -> torch.Tensor:
+        """The student's prefix for ``prompts``."""
         cond = self.text_encoder(prompts)
-        prefix = self.student.model.prefix(cond.states, cond.mask)
+        return self.student.model.prefix(cond.states, cond.mask)
+
+    def _distilled(self, prompts: list[str], generator, steps: int, prefix: torch.Tensor | None = None):
+        """``prefix``: ``_distilled_inputs(prompts)`` when the caller has it already."""
+        prefix = self._distilled_inputs(prompts) if prefix is None else prefix
         codebook = self.tokenizer.code_vectors()
         noise = noise_like(len(prompts), self.tokenizer.layout.num_tokens, codebook.shape[1], generator)
         boi = torch.full((len(prompts), 1), self.model.vocab.special("<boi>"), dtype=torch.long)
@@ -326,8 +334,9 @@ class TextToImagePipeline:
         codes = codes.expand(n_prompts, -1)
         return self.model.vocab.to_unified(self.modality, codes.repeat_interleave(num_images, 0))
 
-    def _autoregressive(self, expanded: list[str], generator, opts, negative_prompt, progress, zipvl=None,
-                        context=None):
+    def _ar_inputs(self, expanded: list[str], negative_prompt) -> tuple:
+        """-> (prefix, null prefix, start ids, null start ids) for ``sample_ar``: the prompts encoded, with the
+        quoted text as byte tokens where the model has a byte slot."""
         b = len(expanded)
         boi = torch.full((b, 1), self.model.vocab.special("<boi>"), dtype=torch.long)
         length = self.model.config.text_bytes
@@ -345,6 +354,12 @@ class TextToImagePipeline:
             null = self.encode_prompts(negatives)
         else:
             null = self.model.prefix(None, None, batch=b)
+        return prefix, null, start, null_start
+
+    def _autoregressive(self, expanded: list[str], generator, opts, negative_prompt, progress, zipvl=None,
+                        context=None, inputs: tuple | None = None):
+        """``inputs``: ``_ar_inputs(expanded, negative_prompt)`` when the caller has it already."""
+        prefix, null, start, null_start = inputs or self._ar_inputs(expanded, negative_prompt)
         return sample_ar(self.model, prefix, null, start, self.tokenizer.layout.num_tokens,
                          self.model.vocab.range(self.modality), opts, generator, progress, zipvl=zipvl,
                          context_ids=context, null_start_ids=null_start)
